@@ -1,0 +1,72 @@
+"""Settings: one dataclass, read once from env (and optionally a TOML file), overridable per call.
+
+Env wins over the TOML file; explicit keyword overrides win over both. `PREFETCH_CONFIG` names the TOML file
+(default `~/.config/prefetch/config.toml` if present) with the same keys as the dataclass fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+_ENV = {
+    "cache_dir": "PREFETCH_CACHE_DIR",
+    "max_bytes": "PREFETCH_MAX_BYTES",
+    "ref_ttl": "PREFETCH_REF_TTL",
+    "max_concurrency": "PREFETCH_MAX_CONCURRENCY",
+    "chunk_bytes": "PREFETCH_CHUNK_BYTES",
+    "multipart_threshold": "PREFETCH_MULTIPART_THRESHOLD",
+    "max_attempts": "PREFETCH_MAX_ATTEMPTS",
+    "connect_timeout": "PREFETCH_CONNECT_TIMEOUT",
+    "read_timeout": "PREFETCH_READ_TIMEOUT",
+    "high_watermark": "PREFETCH_HIGH_WATERMARK",
+    "low_watermark": "PREFETCH_LOW_WATERMARK",
+}
+
+
+def _parse_bytes(text: str) -> int:
+    """'512MiB', '2G', '1000' -> bytes. Binary units for both spellings: caches are sized in GiB."""
+    t = text.strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(float(t))
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    cache_dir: Path = Path("~/.cache/prefetch").expanduser()
+    max_bytes: int | None = None          # cache size cap; None = no cap (free-space guard still applies)
+    high_watermark: float = 1.0           # evict when a commit would pass max_bytes * high
+    low_watermark: float = 0.8            # ... down to max_bytes * low
+    ref_ttl: float = 30.0                 # seconds a resolved mutable URI (latest, stage, alias) is trusted
+    max_concurrency: int = 16             # parallel GETs per warm (across files and ranges)
+    chunk_bytes: int = 8 << 20            # range size for large files
+    multipart_threshold: int = 16 << 20   # files at least this big are fetched in ranges
+    max_attempts: int = 5                 # per request, with exponential backoff
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+
+    @classmethod
+    def load(cls, **overrides) -> "Settings":
+        values: dict = {}
+        toml_path = Path(os.environ.get("PREFETCH_CONFIG", "~/.config/prefetch/config.toml")).expanduser()
+        if toml_path.is_file():
+            import tomllib
+
+            values.update(tomllib.loads(toml_path.read_text()))
+        for field, env in _ENV.items():
+            if os.environ.get(env):
+                values[field] = os.environ[env]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**{f.name: _coerce(f, values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
+
+
+def _coerce(field: dataclasses.Field, value):
+    if field.name == "cache_dir":
+        return Path(value).expanduser().resolve()
+    if field.name in ("max_bytes", "chunk_bytes", "multipart_threshold"):
+        return None if value in (None, "", "0", 0) and field.name == "max_bytes" else _parse_bytes(str(value))
+    if field.name in ("max_concurrency", "max_attempts"):
+        return int(value)
+    return float(value)

@@ -1,0 +1,61 @@
+"""Every failure a user can cause or meet, each with its CLI exit code (DESIGN.md: Interfaces).
+
+The CLI prints `str(error)` as one line and exits with `error.exit_code`; library callers catch
+`PrefetchError` (or a subclass) and get the same message.
+"""
+from __future__ import annotations
+
+
+class PrefetchError(Exception):
+    """Base class: one clear line naming the URI and what was wrong."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, uri: str | None = None):
+        self.uri = uri
+        self.message = message
+        super().__init__(f"{uri}: {message}" if uri else message)
+
+
+class BadURI(PrefetchError):
+    """Malformed URI or bad usage (exit 2)."""
+
+    exit_code = 2
+
+
+class NotFound(PrefetchError):
+    """The registry or the storage answered, and the thing is not there (exit 3)."""
+
+    exit_code = 3
+
+
+class Unreachable(PrefetchError):
+    """The tracking server or the artifact store could not be reached or refused us (exit 4)."""
+
+    exit_code = 4
+
+
+class IntegrityError(PrefetchError):
+    """Sizes or hashes do not match, or a listing tries to escape its artifact dir (exit 5)."""
+
+    exit_code = 5
+
+
+class NoSpace(PrefetchError):
+    """The node-local disk cannot hold the artifact, even after eviction (exit 6)."""
+
+    exit_code = 6
+
+
+class ConversionError(PrefetchError):
+    """A model could not be converted, or the converted model failed validation (exit 5)."""
+
+    exit_code = 5
+
+
+class UnsupportedFormat(BadURI):
+    """The model's flavor cannot be converted to the asked format (exit 2)."""
+
+
+# Failures where the origin may come back: a partial download is kept in staging to resume.
+TransientOrUnreachable = (Unreachable,)
