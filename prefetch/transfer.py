@@ -59,6 +59,7 @@ class _FileState:
         self.hasher = hashlib.sha256()
         self.cursor = 0           # ranges before this index are hashed
         self.done: set[int] = set()
+        self.pending: dict[int, list[bytes]] = {}  # finished out of order, waiting to be hashed
         self.sha256: str | None = None
 
     def resumable_done(self) -> set[int]:
@@ -67,32 +68,51 @@ class _FileState:
             return set()
         return {int(x) for x in self.chunks_log.read_text().split() if x.isdigit() and int(x) < len(self.ranges)}
 
-    def range_finished(self, index: int) -> bool:
-        """Record a finished range, hash whatever prefix is now contiguous; True when the file is complete."""
+    def range_finished(self, index: int, blocks: list[bytes] | None = None) -> bool:
+        """Record a finished range and hash whatever prefix is now contiguous; True when the file is complete.
+
+        `blocks` are the range's bytes when the caller still holds them (hashed from memory); ranges finished
+        by an earlier run, and single-stream files, are hashed from the .part file."""
         with self.lock:
             self.done.add(index)
+            if blocks is not None:
+                self.pending[index] = blocks
             if len(self.ranges) > 1:
                 with open(self.chunks_log, "a") as log:
                     log.write(f"{index}\n")
-            with open(self.part, "rb") as f:
-                while self.cursor in self.done:
-                    start, end = self.ranges[self.cursor]
-                    f.seek(start)
-                    remaining = end - start
-                    while remaining:
-                        block = f.read(min(4 << 20, remaining))
-                        if not block:
-                            break
+            while self.cursor in self.done:
+                held = self.pending.pop(self.cursor, None)
+                if held is not None:
+                    for block in held:
                         self.hasher.update(block)
-                        remaining -= len(block)
-                    self.cursor += 1
+                else:
+                    self._hash_from_disk(*self.ranges[self.cursor])
+                self.cursor += 1
             if len(self.done) < len(self.ranges):
                 return False
             self.sha256 = self.hasher.hexdigest()
+            # Flush now, on this worker, while other files are still arriving: the commit's fsync then
+            # finds clean pages instead of flushing the whole artifact at the end.
+            fd = os.open(self.part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(self.part, self.final)
             if self.chunks_log.exists():
                 self.chunks_log.unlink()
             return True
+
+    def _hash_from_disk(self, start: int, end: int) -> None:
+        with open(self.part, "rb") as f:
+            f.seek(start)
+            remaining = end - start
+            while remaining:
+                block = f.read(min(4 << 20, remaining))
+                if not block:
+                    break
+                self.hasher.update(block)
+                remaining -= len(block)
 
 
 class TransferManager:
@@ -158,6 +178,9 @@ class TransferManager:
         start, end = self.state_range(state, index)
         path = state.entry.path
         attempt = 0
+        # Ranged files keep their range's bytes until hashed in order (bounded by the pool: ranges are
+        # submitted in order); a single-stream file may be huge, so it is hashed from disk.
+        blocks: list[bytes] | None = [] if len(state.ranges) > 1 else None
         fd = os.open(state.part, os.O_WRONLY)
         try:
             offset = start
@@ -170,6 +193,8 @@ class TransferManager:
                             raise PrefetchError(f"{path}: origin sent more bytes than its listing said ({state.entry.size})",
                                                 self.source.uri)
                         _pwrite_all(fd, block, offset)
+                        if blocks is not None:
+                            blocks.append(block)
                         offset += len(block)
                         self._report(len(block))
                         if cancelled.is_set():
@@ -189,7 +214,7 @@ class TransferManager:
                     raise
         finally:
             os.close(fd)
-        state.range_finished(index)
+        state.range_finished(index, blocks)
 
     @staticmethod
     def state_range(state: _FileState, index: int) -> tuple[int, int]:

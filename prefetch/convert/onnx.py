@@ -1,0 +1,127 @@
+"""ONNX converters: scikit-learn via skl2onnx, PyTorch via torch.onnx.export.
+
+Each converter writes its files into an empty directory and returns the `io` record the runtime needs
+(file, input name/dtype/row shape, output index). Converter ids name the tool, its version and the opset, so
+a new skl2onnx or torch gets a new derived directory instead of silently reusing an old conversion.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConversionError
+from .validate import Batch
+
+SKLEARN_OPSET = 17
+# torch 2.13's default exporter (dynamo=True: torch.export + onnxscript) implements opset 18 and up; asking it
+# for 17 exports at 18 then down-converts, so 18 is its natural default. The legacy TorchScript-based exporter
+# (exporter="legacy") is still there, deprecated, and exports 17 directly.
+TORCH_OPSET = {"dynamo": 18, "legacy": 17}
+MODEL_FILE = "model.onnx"
+
+
+def _bare(v: str) -> str:
+    return v.split("+")[0]        # "2.13.0+cpu" -> "2.13.0": the local build tag does not change the graph
+
+
+# -- scikit-learn ---------------------------------------------------------------------------------------------
+def sklearn_converter_id(options: dict) -> str:
+    return f"skl2onnx{_bare(version('skl2onnx'))}-op{int(options.get('opset') or SKLEARN_OPSET)}"
+
+
+def convert_sklearn(model, batch: Batch, out_dir: Path, options: dict) -> dict:
+    """float32 inputs: onnxruntime has no float64 kernels for the tree-ensemble operators, and sklearn trees
+    compare in float32 anyway, so float32 is also what the original computes with."""
+    from skl2onnx import convert_sklearn as to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.base import is_classifier
+
+    if batch.array.ndim != 2:
+        raise ConversionError(f"scikit-learn models take 2-D inputs; the signature gives rows of shape "
+                              f"{batch.array.shape[1:]}")
+    final = model
+    while hasattr(final, "steps"):              # a Pipeline: the last step decides the outputs
+        final = final.steps[-1][1]
+    # Without zipmap a classifier answers (label, probabilities as a tensor) instead of a list of dicts.
+    conv_options = {id(final): {"zipmap": False}} if is_classifier(final) else None
+    opset = int(options.get("opset") or SKLEARN_OPSET)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onx = to_onnx(model, initial_types=[("input", FloatTensorType([None, batch.array.shape[1]]))],
+                          target_opset=opset, options=conv_options)
+    except Exception as e:   # skl2onnx raises plain RuntimeError/NotImplementedError for unknown estimators
+        raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {_one_line(e)}") from e
+    (out_dir / MODEL_FILE).write_bytes(onx.SerializeToString())
+    return {"file": MODEL_FILE, "input_dtype": "float32", "row_shape": list(batch.array.shape[1:]),
+            "output_index": 0, "converter": "skl2onnx", "opset": opset}
+
+
+# -- PyTorch --------------------------------------------------------------------------------------------------
+def torch_exporter(options: dict) -> str:
+    exporter = options.get("exporter") or "dynamo"
+    if exporter not in TORCH_OPSET:
+        raise ConversionError(f"unknown ONNX exporter '{exporter}' (dynamo or legacy)")
+    return exporter
+
+
+def torch_onnx_converter_id(options: dict) -> str:
+    exporter = torch_exporter(options)
+    return f"torch{_bare(version('torch'))}-{exporter}-op{int(options.get('opset') or TORCH_OPSET[exporter])}"
+
+
+def convert_torch(model, batch: Batch, out_dir: Path, options: dict) -> dict:
+    """torch.onnx.export with a dynamic batch axis, so one exported graph answers any number of rows."""
+    import torch
+
+    exporter = torch_exporter(options)
+    opset = int(options.get("opset") or TORCH_OPSET[exporter])
+    sample = torch.from_numpy(np.ascontiguousarray(batch.sample()))
+    target = out_dir / MODEL_FILE
+    try:
+        with _quiet_exporter():
+            if exporter == "dynamo":
+                program = torch.onnx.export(
+                    model, (sample,), dynamo=True, verbose=False, opset_version=opset,
+                    input_names=["input"], output_names=["output"],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+                program.save(str(target))
+            else:
+                torch.onnx.export(
+                    model, (sample,), str(target), dynamo=False, opset_version=opset,
+                    input_names=["input"], output_names=["output"],
+                    dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    except ConversionError:
+        raise
+    except Exception as e:
+        hint = " (try the legacy exporter: convert option exporter='legacy')" if exporter == "dynamo" else ""
+        raise ConversionError(f"torch.onnx.export ({exporter}) failed: {_one_line(e)}{hint}") from e
+    return {"file": MODEL_FILE, "input_dtype": str(batch.array.dtype), "row_shape": list(batch.array.shape[1:]),
+            "output_index": 0, "converter": f"torch.onnx.export({exporter})", "opset": opset}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs progress and notes (torchvision missing, opset up-conversion) at WARNING, and
+    warns about its own deprecations: none of it is the user's business, and it would fill the CLI's stderr."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)

@@ -1,0 +1,459 @@
+"""A loopback TCP proxy that counts HTTP traffic and can emulate a far link.
+
+LinkProxy sits between a client and an HTTP server (here: the S3 server) and
+
+- counts bytes both ways and HTTP requests per method, by following the client->server byte
+  stream as HTTP/1.x: a request line + headers, then a body of Content-Length bytes, or a
+  chunked body (parsed chunk by chunk), or no body. Body bytes are skipped, so a PUT whose payload
+  happens to contain "GET / HTTP/1.1" is not miscounted. Pipelined and keep-alive requests are
+  counted one by one. If the stream stops looking like HTTP (a header block over 256 KiB, an
+  unparsable chunk size), that connection is no longer parsed, and `unparsed_connections` says so.
+- adds `latency_s` before forwarding each request's first byte to the server (one delay per
+  request, not per packet; body bytes that follow are not delayed again);
+- caps each connection's server->client throughput at `rate_bytes_per_s` (a token bucket with
+  a burst of 50 ms worth of bytes).
+
+One thread per direction per connection; 1 MiB buffers and sendall keep it off the critical path
+on loopback when no limits are set.
+"""
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+from typing import Any
+
+from .ports import LOOPBACK
+
+_BUF = 1024 * 1024
+_MAX_HEADER = 256 * 1024
+_NO_BODY_METHODS = {b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"}
+
+
+class _RequestParser:
+    """Incremental HTTP/1.x request framing over the client->server byte stream.
+
+    feed(data) returns a list of offsets in `data` where a new request starts (so the caller can
+    delay forwarding at those points) and calls on_request(method, target, headers) for each
+    complete header block.
+    """
+
+    HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER, OPAQUE = range(7)
+
+    def __init__(self, on_request):
+        self.on_request = on_request
+        self.state = self.HEAD
+        self.buf = bytearray()  # header or chunk-size line being accumulated
+        self.remaining = 0
+        self.opaque = False
+        self.in_request = False  # bytes of the current request's head already seen
+
+    def feed(self, data: bytes) -> list[int]:
+        starts: list[int] = []
+        i, n = 0, len(data)
+        while i < n:
+            st = self.state
+            if st == self.OPAQUE:
+                break
+            if st == self.HEAD:
+                if not self.in_request:
+                    # Skip stray CRLFs between requests (allowed by RFC 9112).
+                    while i < n and data[i] in (13, 10) and not self.buf:
+                        i += 1
+                    if i >= n:
+                        break
+                    starts.append(i)
+                    self.in_request = True
+                end = data.find(b"\r\n\r\n", i)
+                if end >= 0 and not self.buf:
+                    block = data[i : end + 4]
+                    i = end + 4
+                else:
+                    # Header block split across reads: accumulate.
+                    self.buf += data[i:]
+                    j = self.buf.find(b"\r\n\r\n")
+                    if j < 0:
+                        if len(self.buf) > _MAX_HEADER:
+                            self._give_up()
+                        break
+                    consumed_here = len(data) - i - (len(self.buf) - (j + 4))
+                    block = bytes(self.buf[: j + 4])
+                    self.buf.clear()
+                    i += consumed_here
+                self._head(block)
+            elif st == self.BODY:
+                take = min(self.remaining, n - i)
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self._next_request()
+            elif st == self.CHUNK_SIZE:
+                j = data.find(b"\n", i)
+                if j < 0:
+                    self.buf += data[i:]
+                    if len(self.buf) > 4096:
+                        self._give_up()
+                    break
+                self.buf += data[i : j + 1]
+                i = j + 1
+                line = bytes(self.buf).strip()
+                self.buf.clear()
+                try:
+                    size = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    self._give_up()
+                    break
+                if size == 0:
+                    self.state = self.TRAILER
+                else:
+                    self.remaining = size
+                    self.state = self.CHUNK_DATA
+            elif st == self.CHUNK_DATA:
+                take = min(self.remaining, n - i)
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.remaining = 2
+                    self.state = self.CHUNK_CRLF
+            elif st == self.CHUNK_CRLF:
+                take = min(self.remaining, n - i)
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = self.CHUNK_SIZE
+            elif st == self.TRAILER:
+                # Trailer lines end with an empty line. Read line by line.
+                j = data.find(b"\n", i)
+                if j < 0:
+                    self.buf += data[i:]
+                    if len(self.buf) > _MAX_HEADER:
+                        self._give_up()
+                    break
+                self.buf += data[i : j + 1]
+                i = j + 1
+                line = bytes(self.buf)
+                self.buf.clear()
+                if line in (b"\r\n", b"\n"):
+                    self._next_request()
+        return starts
+
+    def _give_up(self) -> None:
+        self.state = self.OPAQUE
+        self.opaque = True
+        self.buf.clear()
+
+    def _next_request(self) -> None:
+        self.state = self.HEAD
+        self.in_request = False
+
+    def _head(self, block: bytes) -> None:
+        lines = block.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) < 3 or not parts[2].startswith(b"HTTP/"):
+            self._give_up()
+            return
+        method, target = parts[0].upper(), parts[1]
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            k, _, v = line.partition(b":")
+            headers[k.strip().lower()] = v.strip()
+        self.on_request(method, target, headers)
+        te = headers.get(b"transfer-encoding", b"").lower()
+        if b"chunked" in te:
+            self.state = self.CHUNK_SIZE
+            return
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            try:
+                length = int(cl)
+            except ValueError:
+                self._give_up()
+                return
+            if length > 0:
+                self.remaining = length
+                self.state = self.BODY
+                return
+        # No body: GET/HEAD/DELETE and friends, or an explicit Content-Length: 0.
+        self._next_request()
+
+
+class _Throttle:
+    """Token bucket on a virtual clock: sending n bytes advances the clock by n/rate."""
+
+    def __init__(self, rate: float, burst_s: float = 0.05):
+        self.rate = float(rate)
+        self.burst_s = burst_s
+        self.vt = time.monotonic()
+
+    def piece(self) -> int:
+        # Pieces small enough that pacing is smooth, big enough not to cost CPU.
+        return int(max(16 * 1024, min(_BUF, self.rate / 50)))
+
+    def wait(self, n: int) -> None:
+        now = time.monotonic()
+        if self.vt < now - self.burst_s:
+            self.vt = now - self.burst_s
+        self.vt += n / self.rate
+        delay = self.vt - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class LinkProxy:
+    """TCP proxy on a free loopback port in front of upstream_host:upstream_port.
+
+    stats() -> {
+        "requests": HTTP requests seen client->server,
+        "get_requests", "head_requests", "put_requests", "post_requests", "delete_requests",
+        "by_method": {"GET": n, ...},
+        "bytes_in": bytes client->server (headers + bodies),
+        "bytes_out": bytes server->client (headers + bodies),
+        "connections": connections accepted, "active_connections": open now,
+        "unparsed_connections": connections whose stream stopped parsing as HTTP,
+    }
+    """
+
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        latency_s: float = 0.0,
+        rate_bytes_per_s: float | None = None,
+        keep_log: int = 100_000,
+    ):
+        self.upstream = (upstream_host, int(upstream_port))
+        self.latency_s = float(latency_s)
+        self.rate_bytes_per_s = rate_bytes_per_s
+        self.port: int | None = None
+        self._lsock: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._stopping = threading.Event()
+        self._log: collections.deque = collections.deque(maxlen=keep_log)
+        self._reset_counters()
+
+    # --- counters -------------------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self._by_method: collections.Counter = collections.Counter()
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._connections = 0
+        self._unparsed = 0
+        self._log.clear()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reset_counters()
+
+    reset_stats = reset
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            by = dict(self._by_method)
+            return {
+                "requests": sum(by.values()),
+                "get_requests": by.get("GET", 0),
+                "head_requests": by.get("HEAD", 0),
+                "put_requests": by.get("PUT", 0),
+                "post_requests": by.get("POST", 0),
+                "delete_requests": by.get("DELETE", 0),
+                "by_method": by,
+                "bytes_in": self._bytes_in,
+                "bytes_out": self._bytes_out,
+                "connections": self._connections,
+                "active_connections": len(self._conns) // 2,
+                "unparsed_connections": self._unparsed,
+            }
+
+    def request_log(self) -> list[tuple[str, str, str | None]]:
+        """(method, target, Range header or None) of each request seen since the last reset."""
+        with self._lock:
+            return list(self._log)
+
+    def _on_request(self, method: bytes, target: bytes, headers: dict) -> None:
+        rng = headers.get(b"range")
+        with self._lock:
+            self._by_method[method.decode("latin-1")] += 1
+            self._log.append(
+                (method.decode("latin-1"), target.decode("latin-1"), rng.decode("latin-1") if rng else None)
+            )
+
+    # --- life cycle -------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> "LinkProxy":
+        if self._lsock is not None:
+            return self
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((LOOPBACK, 0))
+        s.listen(1024)
+        self._lsock = s
+        self.port = s.getsockname()[1]
+        self._stopping.clear()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name=f"linkproxy-{self.port}", daemon=True)
+        self._accept_thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._lsock is not None:
+            try:
+                self._lsock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._lsock.close()
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout=5)
+        for t in threads:
+            t.join(timeout=5)
+        for c in conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        self._lsock = None
+
+    def __enter__(self) -> "LinkProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- data path ----------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        lsock = self._lsock
+        while not self._stopping.is_set():
+            try:
+                client, _ = lsock.accept()
+            except OSError:
+                break
+            if self._stopping.is_set():
+                client.close()
+                break
+            t = threading.Thread(target=self._serve, args=(client,), daemon=True)
+            with self._lock:
+                self._threads.add(t)
+            t.start()
+
+    @staticmethod
+    def _tune(s: socket.socket) -> None:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                s.setsockopt(socket.SOL_SOCKET, opt, 4 * _BUF)
+            except OSError:
+                pass
+
+    def _serve(self, client: socket.socket) -> None:
+        me = threading.current_thread()
+        try:
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                return
+            self._tune(client)
+            self._tune(upstream)
+            with self._lock:
+                self._connections += 1
+                self._conns.add(client)
+                self._conns.add(upstream)
+            back = threading.Thread(target=self._pump_down, args=(upstream, client), daemon=True)
+            with self._lock:
+                self._threads.add(back)
+            back.start()
+            self._pump_up(client, upstream)
+            back.join()
+            with self._lock:
+                self._conns.discard(client)
+                self._conns.discard(upstream)
+                self._threads.discard(back)
+            for s in (client, upstream):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+        finally:
+            with self._lock:
+                self._threads.discard(me)
+
+    def _pump_up(self, src: socket.socket, dst: socket.socket) -> None:
+        """client -> server: parse request framing, delay each request start, count."""
+        parser = _RequestParser(self._on_request)
+        buf = bytearray(_BUF)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if n == 0:
+                    break
+                data = bytes(view[:n])
+                if parser.opaque:
+                    starts = []
+                else:
+                    starts = parser.feed(data)
+                    if parser.opaque:
+                        with self._lock:
+                            self._unparsed += 1
+                with self._lock:
+                    self._bytes_in += n
+                if self.latency_s > 0 and starts:
+                    prev = 0
+                    for off in starts:
+                        if off > prev:
+                            dst.sendall(data[prev:off])
+                        time.sleep(self.latency_s)
+                        prev = off
+                    dst.sendall(data[prev:])
+                else:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _pump_down(self, src: socket.socket, dst: socket.socket) -> None:
+        """server -> client: count, and pace when a rate cap is set."""
+        throttle = _Throttle(self.rate_bytes_per_s) if self.rate_bytes_per_s else None
+        size = throttle.piece() if throttle else _BUF
+        buf = bytearray(size)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if n == 0:
+                    break
+                if throttle:
+                    throttle.wait(n)
+                # Count before sending: once a client holds the whole response, stats() must
+                # already include it (counting after sendall raced with the client's next call).
+                with self._lock:
+                    self._bytes_out += n
+                dst.sendall(view[:n])
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
