@@ -115,8 +115,11 @@ def model_version(uri: str, name: str, *, version: str | None = None, stage: str
         elif alias is not None:
             mv = client.get_model_version_by_alias(name, alias)
         else:
-            stages = None if stage is None else [STAGES[stage.lower()]]
-            candidates = client.get_latest_versions(name, stages)
+            # One call: a registered model carries the latest version of each stage (get_latest_versions
+            # costs two round trips through the REST client).
+            candidates = client.get_registered_model(name).latest_versions or []
+            if stage is not None:
+                candidates = [m for m in candidates if (m.current_stage or "").lower() == stage.lower()]
             if not candidates:
                 where = f"in stage '{STAGES[stage.lower()]}'" if stage else "at all"
                 raise NotFound(f"registered model '{name}' has no version {where}", uri)
