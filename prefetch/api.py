@@ -6,6 +6,7 @@ staging -> verify + atomic commit -> (convert -> derived/) -> local path.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -14,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import metrics
 from .config import Settings
 from .errors import NoSpace, PrefetchError, TransientOrUnreachable
+from .lifecycle import Lease
 from .store import Manifest, Store
 from .transfer import TransferConfig, TransferManager
 from .uri import Resolved, identify, locate, resolve  # noqa: F401  (resolve is re-exported)
@@ -51,23 +54,35 @@ def warm(uri: str, format: str = "native", *, settings: Settings | None = None, 
     store = Store(settings.cache_dir)
     started = time.monotonic()
     resolved = identify(uri, settings, store)
-    manifest = store.lookup(resolved.key)
-    origin_bytes = 0
-    if manifest is None:
-        with store.lock(resolved.key):
-            manifest = store.lookup(resolved.key)   # another process may have finished while we waited
-            if manifest is None:
-                manifest, origin_bytes = _fetch(resolved, settings, store, progress)
-    resolved = _complete(resolved, manifest)
-    path = store.paths.object_dir(resolved.key)
-    warmed = Warmed(path, resolved.key, manifest.bytes, origin_bytes == 0, resolved, "native",
-                    time.monotonic() - started, origin_bytes)
-    if format != "native":
-        from .convert import ensure_converted
+    # A conversion reads the native object after this returns: lease it first so eviction cannot take it.
+    lease = Lease.acquire(store, resolved.key, holder=f"warm --format {format}") if format != "native" else None
+    try:
+        manifest = store.lookup(resolved.key)
+        origin_bytes, fetched = 0, False
+        if manifest is None:
+            with store.lock(resolved.key):
+                manifest = store.lookup(resolved.key)   # another process may have finished while we waited
+                if manifest is None:
+                    metrics.record_miss()
+                    fetch_started = time.monotonic()
+                    manifest, origin_bytes = _fetch(resolved, settings, store, progress)
+                    metrics.record_download(time.monotonic() - fetch_started, origin_bytes)
+                    fetched = True
+        if not fetched:
+            metrics.record_hit()
+        resolved = _complete(resolved, manifest)
+        path = store.paths.object_dir(resolved.key)
+        warmed = Warmed(path, resolved.key, manifest.bytes, origin_bytes == 0, resolved, "native",
+                        time.monotonic() - started, origin_bytes)
+        if format != "native":
+            from .convert import ensure_converted
 
-        warmed = ensure_converted(warmed, format, store, manifest, convert_options or {})
-        warmed = dataclasses.replace(warmed, seconds=time.monotonic() - started)
-    return warmed
+            warmed = ensure_converted(warmed, format, store, manifest, convert_options or {})
+            warmed = dataclasses.replace(warmed, seconds=time.monotonic() - started)
+        return warmed
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 def _complete(resolved: Resolved, manifest: Manifest) -> Resolved:
@@ -105,6 +120,9 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progr
         # else (bad listing, no space, integrity, ^C before any byte) leaves nothing behind.
         if not (isinstance(e, TransientOrUnreachable) and _staged_bytes(staging) > 0) or wrote_anything:
             store.discard_staging(staging)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            # The disk filled outside transfer's own writes (a .part.chunks log, the manifest, a mkdir).
+            raise NoSpace(f"disk full while writing into {store.root}", resolved.uri) from None
         raise
 
 
@@ -138,10 +156,11 @@ def _ensure_space(store: Store, settings: Settings, needed: int, staging: Path, 
     from . import lifecycle
 
     needed = max(0, needed - _staged_bytes(staging))
-    lifecycle.make_room(store, settings, needed, protect={resolved.key})
+    # Evicts LRU objects for the cap and for the disk, or raises NoSpace naming the sizes.
+    lifecycle.make_room(store, settings, needed, protect={resolved.key}, uri=resolved.uri)
     free = shutil.disk_usage(store.root).free
-    if needed > free:
-        raise NoSpace(f"needs {needed} bytes, {free} free on {store.root}", resolved.uri)
+    if needed > free:   # the disk shrank between the two looks (another writer): still refuse before any byte
+        raise NoSpace(f"needs {lifecycle.human(needed)}, {lifecycle.human(free)} free on {store.root}", resolved.uri)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +236,15 @@ def remove(key: str, settings: Settings | None = None) -> tuple[str, int]:
 def list_objects(settings: Settings | None = None) -> list[dict]:
     """What `prefetch ls` shows: one dict per cached object."""
     settings = settings or Settings.load()
+    from . import lifecycle
+
     store = Store(settings.cache_dir)
+    pins = lifecycle.pinned_keys(store)
     rows = []
     for m in store.manifests():
         rows.append({"key": m.key, "uri": m.uri, "source": m.source, "name": m.resolved.get("name"),
                      "version": m.resolved.get("version"), "bytes": m.bytes, "files": len(m.files),
                      "created_at": m.created_at, "last_used": store.last_used(m.key),
-                     "path": str(store.paths.object_dir(m.key))})
+                     "path": str(store.paths.object_dir(m.key)), "pinned": m.key in pins,
+                     "leases": len(lifecycle.active_leases(store, m.key))})
     return rows

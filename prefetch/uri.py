@@ -63,13 +63,15 @@ class Resolved:
     offline: bool = False         # registry/origin unreachable: answered from the last known ref
     note: str | None = None       # said to the user along with the answer (e.g. why offline)
     resolved_at: float = dataclasses.field(default_factory=time.time)
+    # The opened origin that produced `files` (storage URIs), reused by locate(); never serialized.
+    source: object = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def bytes(self) -> int | None:
         return None if self.files is None else sum(f.size for f in self.files)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "files"}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("files", "source")}
         if self.files is not None:
             d["files"] = [dataclasses.asdict(f) for f in self.files]
             d["bytes"] = self.bytes
@@ -224,7 +226,8 @@ def _identify_listing(target: Target, settings: Settings) -> Resolved:
     tail = target.path.rstrip("/").rsplit("/", 1)[-1] or "root"
     slug = {"s3": f"s3-{urlparse(storage).netloc}-{tail}", "local": f"local-{tail}",
             "mlflow_artifacts": f"artifacts-{tail}"}.get(target.kind, f"{urlparse(storage).scheme}-{tail}")
-    return Resolved(target.uri, make_key(slug, identity), target.kind, identity, storage_uri=storage, files=files)
+    return Resolved(target.uri, make_key(slug, identity), target.kind, identity, storage_uri=storage, files=files,
+                    source=source)
 
 
 def _canonical_storage(target: Target, source) -> str:
@@ -253,15 +256,14 @@ def locate(resolved: Resolved, settings: Settings):
         storage = registry.run_storage(uri, resolved.run_id, parse(uri).path)
     else:
         storage = resolved.storage_uri or uri
-    tracking = registry.tracking_uri()
-    source = open_source(storage, settings, tracking)
+    source = resolved.source or open_source(storage, settings, registry.tracking_uri())
     files = resolved.files
     if files is None or resolved.storage_uri is None:
         try:
             files = tuple(source.list())
         except PrefetchError as e:
             raise type(e)(f"{e.message} (at {storage})", uri) from None
-    return source, files, dataclasses.replace(resolved, storage_uri=storage, files=files, **extra)
+    return source, files, dataclasses.replace(resolved, storage_uri=storage, files=files, source=source, **extra)
 
 
 def resolve(uri: str, settings: Settings | None = None) -> Resolved:

@@ -324,3 +324,69 @@ def test_cli_resolve_ls_verify_rm(seed_embedded, use_env, cache_dir):
     gone = cli_json("rm", w["key"])
     assert gone["freed_bytes"] >= w["bytes"] and objects_in(cache_dir) == []
     assert_clean_error(run_cli("rm", "no-such-key"), 3, "no-such-key")
+
+
+# -- retries ----------------------------------------------------------------------------------------------------
+def test_retries_503_and_resets_mid_stream(s3, use_env, cache_dir, tmp_path):
+    """A flaky link in front of the real S3 server: GETs answered 503, connections reset mid-response."""
+    size = 24 << 20
+    blob = tmp_path / "w.bin"
+    harness.write_random_file(blob, size, seed=5)
+    s3.client().upload_file(str(blob), "models", "flaky/w.bin")
+    s3.client().put_object(Bucket="models", Key="flaky/conf.json", Body=b"{}")
+    flaky = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    try:
+        use_env({**s3.env(flaky.url), "PREFETCH_MAX_CONCURRENCY": "2", "PREFETCH_CHUNK_BYTES": str(4 << 20),
+                 "PREFETCH_MULTIPART_THRESHOLD": str(8 << 20)})
+        flaky.inject_faults(answer_503=3, cut=3, cut_after_bytes=1 << 20, match=b"w.bin")
+        w = prefetch.warm("s3://models/flaky")
+        stats = flaky.stats()
+    finally:
+        flaky.stop()
+    assert sha256_file(w.path / "w.bin") == sha256_file(blob)
+    assert Store(cache_dir).verify(w.key) == []
+    # Every fault was met and survived: the 503s retried, the resets resumed from the byte they reached.
+    assert stats["faults_served"] == 6, stats
+    ranges = size // (4 << 20)
+    assert stats["get_requests"] >= ranges + 2 + 3, stats       # ranges + conf + listing + 3 resumed after a reset
+    assert stats["bytes_out"] < size * 1.3, stats
+
+
+def test_gives_up_cleanly_when_the_origin_keeps_failing(s3, use_env, cache_dir):
+    s3.client().put_object(Bucket="models", Key="down/w.bin", Body=b"x" * 1000)
+    flaky = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    try:
+        use_env({**s3.env(flaky.url), "PREFETCH_MAX_ATTEMPTS": "2"})
+        flaky.inject_faults(answer_503=1000, match=b"w.bin")
+        proc = run_cli("warm", "s3://models/down")
+    finally:
+        flaky.stop()
+    assert_clean_error(proc, 4, "s3://models/down")
+    assert objects_in(cache_dir) == []
+
+
+def test_progress_bar_on_a_terminal(tmp_path, cache_dir):
+    """On a TTY, stderr shows a rich progress bar; piped (as in every other test) it stays quiet."""
+    import pty
+
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(3 << 20))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*PREFETCH, "warm", str(src)], stdout=subprocess.DEVNULL, stderr=slave, cwd=REPO,
+                            env={**os.environ, "COLUMNS": "120"})
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0
+    assert "warming" in text and "MiB" in text, text

@@ -55,8 +55,9 @@ def s3_client(settings: Settings):
 
 def translate(error: Exception, uri: str, what: str) -> Exception:
     """botocore exceptions -> our errors (refused credentials and missing buckets are not retried)."""
-    from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointConnectionError,
-                                     NoCredentialsError, ReadTimeoutError, ConnectTimeoutError)
+    from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, HTTPClientError,
+                                     IncompleteReadError, NoCredentialsError, ResponseStreamingError)
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
@@ -75,8 +76,10 @@ def translate(error: Exception, uri: str, what: str) -> Exception:
         return Unreachable("no S3 credentials found; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", uri)
     if isinstance(error, (EndpointConnectionError, ConnectTimeoutError)):
         return Unreachable(f"cannot reach S3 at {endpoint_url() or 'AWS'} ({what})", uri)
-    if isinstance(error, (ReadTimeoutError, ConnectionClosedError, ConnectionError, TimeoutError)):
-        return TransientError(f"S3 connection failed ({what}: {error})", uri)
+    if isinstance(error, (HTTPClientError, ResponseStreamingError, IncompleteReadError, Urllib3Error,
+                          ConnectionError, TimeoutError)):
+        # A reset, a timeout or a body cut short mid-stream: the transfer retries from the byte it reached.
+        return TransientError(f"S3 connection failed ({what}: {type(error).__name__})", uri)
     return error
 
 

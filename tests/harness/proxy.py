@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -225,6 +226,12 @@ class LinkProxy:
         keep_log: int = 100_000,
     ):
         self.upstream = (upstream_host, int(upstream_port))
+        # Fault injection (see inject_faults): the next N GET connections answered 503, or cut mid-response.
+        self._fail_503 = 0
+        self._cut = 0
+        self._cut_after = 0
+        self._match = b""
+        self._faults_served = 0
         self.latency_s = float(latency_s)
         self.rate_bytes_per_s = rate_bytes_per_s
         self.port: int | None = None
@@ -257,6 +264,7 @@ class LinkProxy:
             by = dict(self._by_method)
             return {
                 "requests": sum(by.values()),
+                "faults_served": self._faults_served,
                 "get_requests": by.get("GET", 0),
                 "head_requests": by.get("HEAD", 0),
                 "put_requests": by.get("PUT", 0),
@@ -335,6 +343,29 @@ class LinkProxy:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def inject_faults(self, answer_503: int = 0, cut: int = 0, cut_after_bytes: int = 1 << 20,
+                      match: bytes = b"") -> None:
+        """Make the next `answer_503` new connections whose first request is a GET (of a target containing `match`)
+        get `503 Slow Down` and close, and the next `cut` such connections be reset after `cut_after_bytes` of
+        response: what a flaky origin or link does."""
+        with self._lock:
+            self._fail_503, self._cut, self._cut_after, self._match = answer_503, cut, cut_after_bytes, match
+
+    def _take_fault(self, first: bytes) -> str | None:
+        line = first.split(b"\r\n", 1)[0]
+        if not (line.startswith(b"GET ") and getattr(self, "_match", b"") in line):
+            return None
+        with self._lock:
+            if self._fail_503 > 0:
+                self._fail_503 -= 1
+                self._faults_served += 1
+                return "503"
+            if self._cut > 0:
+                self._faults_served += 1
+                self._cut -= 1
+                return "cut"
+        return None
+
     # --- data path ----------------------------------------------------------------------
     def _accept_loop(self) -> None:
         lsock = self._lsock
@@ -371,15 +402,17 @@ class LinkProxy:
                 return
             self._tune(client)
             self._tune(upstream)
+            first = client.recv(_BUF)
+            state: dict = {"cut_after": None}   # set by _pump_up when a request is to be reset mid-response
             with self._lock:
                 self._connections += 1
                 self._conns.add(client)
                 self._conns.add(upstream)
-            back = threading.Thread(target=self._pump_down, args=(upstream, client), daemon=True)
+            back = threading.Thread(target=self._pump_down, args=(upstream, client, state), daemon=True)
             with self._lock:
                 self._threads.add(back)
             back.start()
-            self._pump_up(client, upstream)
+            self._pump_up(client, upstream, first, state)
             back.join()
             with self._lock:
                 self._conns.discard(client)
@@ -394,17 +427,14 @@ class LinkProxy:
             with self._lock:
                 self._threads.discard(me)
 
-    def _pump_up(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump_up(self, src: socket.socket, dst: socket.socket, first: bytes = b"", state: dict | None = None) -> None:
         """client -> server: parse request framing, delay each request start, count."""
         parser = _RequestParser(self._on_request)
         buf = bytearray(_BUF)
         view = memoryview(buf)
         try:
-            while True:
-                n = src.recv_into(buf)
-                if n == 0:
-                    break
-                data = bytes(view[:n])
+            data = first
+            while data:
                 if parser.opaque:
                     starts = []
                 else:
@@ -413,7 +443,17 @@ class LinkProxy:
                         with self._lock:
                             self._unparsed += 1
                 with self._lock:
-                    self._bytes_in += n
+                    self._bytes_in += len(data)
+                for off in starts:
+                    fault = self._take_fault(data[off:off + 2048])
+                    if fault == "503":
+                        src.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                                    b"Content-Length: 61\r\nConnection: close\r\n\r\n"
+                                    b"<Error><Code>SlowDown</Code><Message>fault</Message></Error>\n")
+                        _shut(src, dst)   # wakes the other pump; _serve closes both
+                        return
+                    if fault == "cut" and state is not None:
+                        state["cut_after"] = self._cut_after
                 if self.latency_s > 0 and starts:
                     prev = 0
                     for off in starts:
@@ -424,6 +464,8 @@ class LinkProxy:
                     dst.sendall(data[prev:])
                 else:
                     dst.sendall(data)
+                n = src.recv_into(buf)
+                data = bytes(view[:n])
         except OSError:
             pass
         finally:
@@ -432,8 +474,8 @@ class LinkProxy:
             except OSError:
                 pass
 
-    def _pump_down(self, src: socket.socket, dst: socket.socket) -> None:
-        """server -> client: count, and pace when a rate cap is set."""
+    def _pump_down(self, src: socket.socket, dst: socket.socket, state: dict | None = None) -> None:
+        """server -> client: count, and pace when a rate cap is set (and reset the link if told to)."""
         throttle = _Throttle(self.rate_bytes_per_s) if self.rate_bytes_per_s else None
         size = throttle.piece() if throttle else _BUF
         buf = bytearray(size)
@@ -450,6 +492,12 @@ class LinkProxy:
                 with self._lock:
                     self._bytes_out += n
                 dst.sendall(view[:n])
+                if state is not None and state["cut_after"] is not None:
+                    state["cut_after"] -= n
+                    if state["cut_after"] <= 0:   # the link dies mid-response
+                        dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        _shut(dst, src)
+                        return
         except OSError:
             pass
         finally:
@@ -457,3 +505,12 @@ class LinkProxy:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+
+def _shut(*socks: socket.socket) -> None:
+    """shutdown (not close): a recv blocked on the socket in another thread returns at once."""
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
