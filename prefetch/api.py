@@ -131,10 +131,10 @@ class _Counter:
         self.total, self.progress, self.done, self.fetched = total, progress, 0, 0
         self.lock = threading.Lock()
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int, fetched: bool = True) -> None:
         with self.lock:
             self.done += n
-            self.fetched += n
+            self.fetched += n if fetched else 0
             done = self.done
         if self.progress:
             self.progress(done, self.total)

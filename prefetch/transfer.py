@@ -28,7 +28,9 @@ from .errors import NoSpace, PrefetchError, Unreachable
 from .sources import Source, TransientError
 from .store import FileEntry
 
-ProgressCallback = Callable[[int], None]  # called with a number of new bytes, from worker threads
+# Called from worker threads with a number of bytes now present, and whether they came from the origin just now
+# (False: found on disk from an earlier, interrupted run).
+ProgressCallback = Callable[[int, bool], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +123,9 @@ class TransferManager:
         self.config = config
         self.progress = list(progress)
 
-    def _report(self, n: int) -> None:
+    def _report(self, n: int, fetched: bool = True) -> None:
         for cb in self.progress:
-            cb(n)
+            cb(n, fetched)
 
     def _ranges(self, size: int) -> list[tuple[int, int]]:
         c = self.config
@@ -142,7 +144,7 @@ class TransferManager:
             states.append(state)
             if final.exists() and final.stat().st_size == entry.size:
                 state.sha256 = _sha256(final)     # finished by an earlier run
-                self._report(entry.size)
+                self._report(entry.size, fetched=False)
                 continue
             previously = state.resumable_done()
             if not previously and state.part.exists() and len(state.ranges) > 1:
@@ -152,7 +154,7 @@ class TransferManager:
                     f.truncate(entry.size)
             for i in range(len(state.ranges)):
                 if i in previously:
-                    self._report(state.ranges[i][1] - state.ranges[i][0])
+                    self._report(state.ranges[i][1] - state.ranges[i][0], fetched=False)
                     if state.range_finished(i):
                         break
                 else:
@@ -176,6 +178,8 @@ class TransferManager:
 
     def _fetch_range(self, state: _FileState, index: int, cancelled: threading.Event) -> None:
         start, end = self.state_range(state, index)
+        if start > state.ranges[index][0]:
+            self._report(start - state.ranges[index][0], fetched=False)   # resumed from a .part on disk
         path = state.entry.path
         attempt = 0
         # Ranged files keep their range's bytes until hashed in order (bounded by the pool: ranges are
