@@ -47,6 +47,12 @@ class NoSpace(PrefetchError):
     exit_code = 6
 
 
+class LocalIOError(PrefetchError):
+    """The node's own disk refused us (unwritable cache dir, read-only mount...) (exit 1)."""
+
+    exit_code = 1
+
+
 class ConversionError(PrefetchError):
     """A model could not be converted, or the converted model failed validation (exit 5)."""
 
