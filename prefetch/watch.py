@@ -1,0 +1,182 @@
+"""`prefetch watch`: follow a mutable registry URI (an alias, `latest`, a stage) and roll each move out.
+
+Every `interval` seconds the registry is asked where the URI points now (ref TTL 0: one registry call, no
+bytes). When that version differs from what the app's replicas serve (or, with once_moved, from where the URI
+pointed when the watch started), the watch runs `prefetch.rollout.rollout` with the URI as asked, which pins
+the version it resolves: every replica gets the same bytes even if the alias moves again meanwhile.
+
+Nothing stops the loop but the caller: a registry outage (the registry cannot be reached, or answers with an
+error), a Serve or Ray hiccup, and a failed rollout are logged as events and retried at the next poll (a version
+whose rollout failed is retried with a growing back-off, so a version that cannot be served does not rebuild
+the cache every interval). The caller stops it with `stop` (an Event), `max_rollouts` or `duration`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .errors import BadURI
+from .rollout import DEFAULT_TIMEOUT_S, MODES, Event, _first_line, _no_event, rollout
+from .serve_app import _brief, inspect_app, replica_rows
+
+RETRY_BACKOFF_MAX_S = 600.0
+
+
+def check_watchable(uri: str) -> None:
+    """A registry URI that can move: models:/<name>@<alias>, models:/<name>/latest or models:/<name>/<stage>."""
+    from .uri import parse
+
+    target = parse(uri)
+    if target.kind not in ("model_alias", "model_latest", "model_stage"):
+        raise BadURI("watch follows a registry URI that can move: models:/<name>@<alias>, models:/<name>/latest "
+                     "or models:/<name>/<stage>", uri)
+
+
+def current_version(uri: str) -> dict:
+    """Where the URI points now: one registry call, no cached ref, nothing written. Raises on an outage."""
+    from .registry import model_version
+    from .uri import parse
+
+    target = parse(uri)
+    mv = model_version(uri, target.name, stage=target.stage, alias=target.alias)
+    return {"name": mv["name"], "version": mv["version"]}
+
+
+def watch(uri: str, app: str, *, interval: float = 10.0, mode: str = "user_config", config_path: str | None = None,
+          format: str | None = None, convert_options: dict | None = None, deployment: str | None = None,
+          address: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, once_moved: bool = False,
+          max_rollouts: int | None = None, duration: float | None = None, stop: threading.Event | None = None,
+          on_event: Event | None = None) -> dict:
+    """Poll `uri` and roll it out to `app` whenever it points elsewhere than what the app serves.
+
+    Returns a summary when stopped: {polls, errors, rollouts: [reports], failures: [...], moves: [...],
+    last_version, stopped_by}. Raises only for bad arguments or an app that does not exist at start.
+    """
+    from .cluster import connect
+
+    check_watchable(uri)
+    if mode not in MODES:
+        raise BadURI(f"unknown --mode '{mode}' (user_config or redeploy)")
+    if not interval > 0:
+        raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
+    if mode == "redeploy" and config_path is None:
+        raise BadURI("--mode redeploy needs --config <serve config file>")
+    emit = on_event or _no_event
+    stop = stop or threading.Event()
+    connect(address)
+    view = inspect_app(app, deployment)           # a typo'd app name fails now, not at the first move
+    started = time.monotonic()
+    summary: dict[str, Any] = {"uri": uri, "app": app, "mode": mode, "polls": 0, "errors": 0, "rollouts": [],
+                               "failures": [], "moves": [], "last_version": None, "stopped_by": None}
+    baseline: str | None = None                   # once_moved: the version seen at the first good poll
+    failed: dict[str, tuple[int, float]] = {}     # version -> (failures, monotonic time of the next try)
+    quiet_state: tuple | None = None              # the last "nothing to do" state announced
+    emit("watching", {"uri": uri, "app": app, "interval": interval, "deployments": view.targets})
+
+    def should_stop() -> str | None:
+        if stop.is_set():
+            return "stop"
+        if max_rollouts is not None and len(summary["rollouts"]) >= max_rollouts:
+            return "max_rollouts"
+        if duration is not None and time.monotonic() - started >= duration:
+            return "duration"
+        return None
+
+    while (why := should_stop()) is None:
+        summary["polls"] += 1
+        try:
+            now = current_version(uri)
+        except Exception as e:  # noqa: BLE001 - an outage: log, wait, ask again
+            summary["errors"] += 1
+            emit("registry-error", {"uri": uri, "error": _first_line(e), "retry_in": interval})
+            stop.wait(interval)
+            continue
+        version = now["version"]
+        if version != summary["last_version"]:
+            if summary["last_version"] is not None:
+                summary["moves"].append({"from": summary["last_version"], "to": version, "seen_at": time.time()})
+                emit("moved", {"uri": uri, "from": summary["last_version"], "to": version})
+            summary["last_version"] = version
+        if baseline is None:
+            baseline = version
+        try:
+            rows = replica_rows(app, view.targets)
+        except Exception as e:  # noqa: BLE001 - Ray/Serve hiccup: same treatment as an outage
+            summary["errors"] += 1
+            emit("serve-error", {"app": app, "error": _first_line(e), "retry_in": interval})
+            stop.wait(interval)
+            continue
+        served = sorted({f"v{r.get('version')}" if r.get("name") == now["name"] else f"{r.get('name')} v{r.get('version')}"
+                         for r in rows})
+        in_sync = bool(rows) and all(r.get("name") == now["name"] and str(r.get("version")) == version for r in rows)
+        wanted = (not in_sync) and (not once_moved or version != baseline)
+        if not wanted:
+            state = ("in-sync" if in_sync else "waiting-for-move", version, tuple(served))
+            if state != quiet_state:   # one line per state, not one per poll
+                quiet_state = state
+                emit(state[0], {"uri": uri, "version": version, "served": served})
+            stop.wait(interval)
+            continue
+        quiet_state = None
+        count, next_try = failed.get(version, (0, 0.0))
+        if time.monotonic() < next_try:
+            stop.wait(interval)
+            continue
+        emit("rolling-out", {"uri": uri, "version": version, "served": served})
+        t0 = time.monotonic()
+        try:
+            report = rollout(app, uri, mode=mode, config_path=config_path, format=format,
+                             convert_options=convert_options, deployment=deployment, address=address,
+                             timeout=timeout, on_event=emit)
+        except Exception as e:  # noqa: BLE001 - a failed rollout is retried later, never the end of the watch
+            count += 1
+            backoff = min(RETRY_BACKOFF_MAX_S, interval * (2 ** count))
+            failed[version] = (count, time.monotonic() + backoff)
+            fail = {"version": version, "error": _first_line(e), "exit_code": getattr(e, "exit_code", 1),
+                    "at": time.time(), "retry_in": backoff}
+            summary["failures"].append(fail)
+            emit("rollout-failed", fail)
+            stop.wait(interval)
+            continue
+        failed.pop(version, None)
+        baseline = report["target"]["version"] or version
+        summary["rollouts"].append({"version": report["target"]["version"], "pinned": report["target"]["pinned"],
+                                    "seconds": round(time.monotonic() - t0, 3), "at": time.time(),
+                                    "changed": report["changed"], "replicas": report.get("replicas", [])})
+        emit("rolled-out", {"version": report["target"]["version"], "seconds": round(time.monotonic() - t0, 3)})
+    summary["stopped_by"] = why
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    try:
+        summary["replicas"] = [_brief(r) for r in replica_rows(app, view.targets)]
+    except Exception:  # noqa: BLE001
+        pass
+    return summary
+
+
+def describe_event(kind: str, f: dict) -> str | None:
+    """One human line per watch event (rollout events are described by prefetch.rollout.describe_event)."""
+    stamp = time.strftime("%H:%M:%S")
+    if kind == "watching":
+        return f"{stamp} watching {f['uri']} for app {f['app']} every {f['interval']:g}s"
+    if kind == "registry-error":
+        return f"{stamp} registry error (retrying in {f['retry_in']:g}s): {f['error']}"
+    if kind == "serve-error":
+        return f"{stamp} cannot read the app's replicas (retrying in {f['retry_in']:g}s): {f['error']}"
+    if kind == "moved":
+        return f"{stamp} {f['uri']} moved: v{f['from']} -> v{f['to']}"
+    if kind == "in-sync":
+        return f"{stamp} in sync: app serves v{f['version']} ({f['uri']})"
+    if kind == "waiting-for-move":
+        return (f"{stamp} {f['uri']} points at v{f['version']}; app serves {', '.join(f['served']) or 'nothing'}; "
+                "waiting for the next move (--once-moved)")
+    if kind == "rolling-out":
+        return f"{stamp} app serves {', '.join(f['served']) or 'nothing'}; rolling out v{f['version']}"
+    if kind == "rollout-failed":
+        return f"{stamp} rollout of v{f['version']} failed (exit {f['exit_code']}; retry in {f['retry_in']:g}s): {f['error']}"
+    if kind == "rolled-out":
+        return f"{stamp} v{f['version']} rolled out in {f['seconds']:.1f}s"
+    from .rollout import describe_event as rollout_line
+
+    line = rollout_line(kind, f)
+    return None if line is None else f"{stamp} {line}"
