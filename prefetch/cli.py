@@ -558,8 +558,14 @@ def watch(
     from . import watch as w
 
     stop = threading.Event()
+
+    def on_signal(*_):
+        if stop.is_set():          # a second Ctrl-C / SIGTERM: stop now, even mid-rollout
+            raise KeyboardInterrupt
+        stop.set()                 # the first: finish what is running (a rollout is never left half-done)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     options = {"tolerance": tolerance} if tolerance is not None else None
     try:
         summary = w.watch(uri, app_name, interval=interval, mode=mode, config_path=config, format=format,
@@ -578,7 +584,7 @@ def watch(
 
 def _app_status(app_name: str, address: Optional[str], as_json: bool) -> None:
     """`prefetch status --app APP`: the version each replica of a Serve app serves."""
-    from .rollout import app_status, render_app_status
+    from .serve_app import app_status, render_app_status
 
     try:
         doc = app_status(app_name, address)
