@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .config import Settings
 from .errors import PrefetchError
+from .lifecycle import pid_alive, pin, unpin
 from .store import Store
 
 if TYPE_CHECKING:
@@ -78,20 +79,6 @@ def _allocated(path: Path) -> int:
     return total
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        from .lifecycle import pid_alive
-    except ImportError:
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return pid_alive(pid)
-
-
 def inflight_downloads(store: Store) -> list[dict]:
     """One row per staging dir that declares a download: uri, key, bytes, done, progress (0..1), pid, alive.
     `alive` False means a download was cut off (a crash, a kill): the next warm of that key resumes it."""
@@ -113,22 +100,18 @@ def inflight_downloads(store: Store) -> list[dict]:
         started = doc.get("started_at")
         rows.append({"uri": doc.get("uri"), "key": doc.get("key"), "bytes": total, "done": done,
                      "progress": round(min(1.0, done / total), 4) if total else None,
-                     "pid": pid, "alive": _pid_alive(pid), "started_at": started,
+                     "pid": pid, "alive": pid_alive(pid), "started_at": started,
                      "seconds": round(now - started, 1) if started else None, "staging": d.name})
     return rows
 
 
 # -- pins kept by the desired set ------------------------------------------------------------------------------
 def _pin(store: Store, key: str, uri: str) -> None:
-    """Pin what the daemon keeps warm (lifecycle's pins; a no-op until that module provides them)."""
-    try:
-        from .lifecycle import pin
-    except ImportError:
-        return
+    """Pin what the daemon keeps warm, so eviction never takes the desired set."""
     try:
         pin(store, key, uri=uri)
-    except (AttributeError, TypeError, OSError):
-        pass
+    except OSError:
+        pass   # a pin is a protection, not a precondition of warming
 
 
 def _unpin_stale(store: Store, uri: str, keep: str | None) -> list[str]:
@@ -136,10 +119,6 @@ def _unpin_stale(store: Store, uri: str, keep: str | None) -> list[str]:
 
     The pin files (`pins/<key>.json`, written by lifecycle.pin with the URI) are the record, so an agent that
     was restarted still finds what its predecessor pinned."""
-    try:
-        from .lifecycle import unpin
-    except ImportError:
-        return []
     released = []
     pins = store.root / "pins"
     try:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import metrics
 from .config import Settings
-from .errors import NoSpace, PrefetchError, TransientOrUnreachable
+from .errors import NoSpace, TransientOrUnreachable
 from .lifecycle import Lease
 from .store import Manifest, Store
 from .transfer import TransferConfig, TransferManager

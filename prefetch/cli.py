@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import typer
 
+from .config import human_bytes
 from .errors import BadURI, PrefetchError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,16 +44,6 @@ def _fail(error: Exception) -> "typer.Exit":
     code = getattr(error, "exit_code", 1)
     _console().print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _ago(ts: float | None) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .agent import NAMESPACE, agent_name, get_or_create_agent, validate_uris
+from .config import human_bytes as _human
 from .errors import Unreachable
 
 logger = logging.getLogger(__name__)
@@ -471,16 +472,6 @@ def warm_cluster(uris: list[str], format: str = "native", address: str | None = 
     if failed:
         report["exit_code"] = failed[0].get("exit_code") or 1
     return report
-
-
-def _human(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _node_label(row: Mapping) -> str:

@@ -35,6 +35,17 @@ def _parse_bytes(text: str) -> int:
     return int(float(t))
 
 
+def human_bytes(n: float | None) -> str:
+    """bytes -> '1.5 GiB' (what every table and message prints)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     cache_dir: Path = Path("~/.cache/prefetch").expanduser()

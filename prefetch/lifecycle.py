@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import Settings
+from .config import human_bytes as human
 from .errors import NoSpace
 from .store import Store
 
@@ -40,14 +41,6 @@ _DERIVED_STAGING = re.compile(r"^derived-(?P<key>.+--[0-9a-f]{16})-(?P<fid>.+)\.
 
 def _store(store: Store | Path | str) -> Store:
     return store if isinstance(store, Store) else Store(store)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
 
 
 # -- process liveness ------------------------------------------------------------------------------------------

@@ -134,19 +134,14 @@ def _warm_via_agent(uri: str, format: str, convert_options: dict | None):
     ray = sys.modules.get("ray")   # a process that never imported ray is not in a Ray cluster: don't import it
     if ray is None or not ray.is_initialized():
         return None
-    try:
-        from prefetch.agent import warm_via_local_agent
-    except ImportError:  # the node-agent module is not there yet (or not installed): warm in-process
-        return None
+    from prefetch.agent import warm_via_local_agent
+
     return warm_via_local_agent(uri, format, convert_options)
 
 
 def _acquire_lease(warmed, settings, holder: str | None):
-    try:
-        from prefetch.lifecycle import Lease
-    except ImportError:  # leases not implemented yet: nothing protects the object from eviction
-        return None
     from prefetch.config import Settings
+    from prefetch.lifecycle import Lease
 
     root = (settings or Settings.load()).cache_dir
     return Lease.acquire(root, warmed.key, holder=holder)
