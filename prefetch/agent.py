@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .config import Settings
 from .errors import PrefetchError
-from .lifecycle import pid_alive, pin, unpin
+from .lifecycle import pid_alive, pin, pins, unpin
 from .store import Store
 
 if TYPE_CHECKING:
@@ -120,22 +120,13 @@ def _unpin_stale(store: Store, uri: str, keep: str | None) -> list[str]:
     The pin files (`pins/<key>.json`, written by lifecycle.pin with the URI) are the record, so an agent that
     was restarted still finds what its predecessor pinned."""
     released = []
-    pins = store.root / "pins"
-    try:
-        files = list(pins.glob("*.json"))
-    except OSError:
-        return []
-    for f in files:
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        key = doc.get("key") or f.stem
-        if doc.get("uri") == uri and key != keep:
+    for doc in pins(store):
+        key = doc.get("key")
+        if key and doc.get("uri") == uri and key != keep:
             try:
                 if unpin(store, key):
                     released.append(key)
-            except (AttributeError, TypeError, OSError):
+            except OSError:
                 pass
     return released
 

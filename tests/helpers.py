@@ -5,7 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+
+import requests
 
 REPO = Path(__file__).resolve().parent.parent
 PREFETCH = [sys.executable, "-m", "prefetch.cli"]
@@ -40,3 +44,39 @@ def assert_clean_error(proc: subprocess.CompletedProcess, code: int, *needles: s
 def objects_in(cache: Path) -> list[str]:
     d = Path(cache) / "objects"
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+class RequestLoop:
+    """A bounded loop of HTTP requests from a thread: every answer (or failure) recorded with its send time."""
+
+    def __init__(self, url: str, body: dict, max_requests: int, pause: float):
+        self.url, self.body, self.max_requests, self.pause = url, body, max_requests, pause
+        self.results: list[tuple[float, int, str | None, str | None]] = []   # (sent_at, status, version, error)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self._stop.is_set() and len(self.results) < self.max_requests:
+            sent = time.monotonic()
+            try:
+                r = session.post(self.url, json=self.body, timeout=30)
+                doc = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+                self.results.append((sent, r.status_code, doc.get("version"), None if r.ok else r.text[:200]))
+            except Exception as e:
+                self.results.append((sent, -1, None, repr(e)[:200]))
+            time.sleep(self.pause)
+
+    def failures(self) -> list:
+        return [r for r in self.results if r[1] != 200]
+
+    def versions(self, after: float | None = None, before: float | None = None) -> set:
+        return {r[2] for r in self.results if (after is None or r[0] > after) and (before is None or r[0] < before)}

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests import harness
-from tests.helpers import PREFETCH, REPO, run_cli
+from tests.helpers import PREFETCH, REPO, RequestLoop, run_cli
 
 NAME = "prefetch-rollout-rf"
 LABEL = "prefetch-cache-dir"
@@ -165,42 +164,6 @@ def ensure_app(uri: str) -> list[dict]:
     return wait_for(lambda: on_version(version), what=f"2 replicas on v{version}")
 
 
-class RequestLoop:
-    """A bounded loop of HTTP requests from a thread: every answer (or failure) recorded with its send time."""
-
-    def __init__(self, url: str, body: dict, max_requests: int = 2000):
-        self.url, self.body, self.max_requests = url, body, max_requests
-        self.results: list[tuple[float, int, str | None, str | None]] = []   # (sent_at, status, version, error)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set() and len(self.results) < self.max_requests:
-            sent = time.monotonic()
-            try:
-                r = session.post(self.url, json=self.body, timeout=30)
-                doc = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-                self.results.append((sent, r.status_code, doc.get("version"), None if r.ok else r.text[:200]))
-            except Exception as e:
-                self.results.append((sent, -1, None, repr(e)[:200]))
-            time.sleep(0.02)
-
-    def failures(self) -> list:
-        return [r for r in self.results if r[1] != 200]
-
-    def versions(self, after: float | None = None, before: float | None = None) -> set:
-        return {r[2] for r in self.results if (after is None or r[0] > after) and (before is None or r[0] < before)}
-
-
 def body(rig) -> dict:
     return {"inputs": rig.seed["X_test"][:3].tolist()}
 
@@ -221,7 +184,7 @@ def test_rollout_user_config_hot_swaps_under_load_with_zero_failures(on_rig):
     before = ensure_app(f"models:/{NAME}/1")
     ids = {r["replica"] for r in before}
     others = wait_for(bystander, what="the bystander app's replica")
-    with RequestLoop(rig.url, body(rig)) as loop:
+    with RequestLoop(rig.url, body(rig), max_requests=2000, pause=0.02) as loop:
         time.sleep(1.0)
         proc, report = rollout_cli(rig, "--model-uri", f"models:/{NAME}@champion")
         done = time.monotonic()
@@ -297,7 +260,7 @@ def test_failed_rollouts_leave_the_running_version_untouched(on_rig, tmp_path):
         # failed swap, and the rollout puts the previous user_config back.
         (("--model-uri", broken, "--no-validate"), 5, ["could not load the new version", "rolled back"]),
     ]
-    with RequestLoop(rig.url, body(rig)) as loop:
+    with RequestLoop(rig.url, body(rig), max_requests=2000, pause=0.02) as loop:
         for args, code, words in cases:
             proc, doc = rollout_cli(rig, *args)
             lines = error_lines(proc)
@@ -377,7 +340,7 @@ def test_rollout_redeploy_rolls_new_replicas_under_load_with_zero_failures(on_ri
     before = wait_for(lambda: on_version("1"), what="2 new replicas on v1 from the config file")
     ids = {r["replica"] for r in before}
     others = wait_for(bystander, what="the bystander app's replica")
-    with RequestLoop(rig.url, body(rig)) as loop:
+    with RequestLoop(rig.url, body(rig), max_requests=2000, pause=0.02) as loop:
         time.sleep(1.0)
         proc, report = rollout_cli(rig, "--model-uri", f"models:/{NAME}@champion", "--mode", "redeploy",
                                    "--config", str(config_file))

@@ -6,7 +6,6 @@ of ray.init(), not the test's.
 """
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import requests
 
 from tests import harness
+from tests.helpers import RequestLoop
 
 NAME = harness.SEED_MODEL_NAME
 LOOPBACK = "127.0.0.1"
@@ -196,39 +196,6 @@ def test_registry_model_answers_like_mlflow_pyfunc(serve_url, embedded_apps, see
 
 
 # --- 2. hot swap under load ----------------------------------------------------------------------------
-class RequestLoop:
-    """A bounded loop of requests from a thread: every answer (or failure) recorded with its send time."""
-
-    def __init__(self, url: str, body: dict, max_requests: int = 5000):
-        self.url, self.body, self.max_requests = url, body, max_requests
-        self.results: list[tuple[float, int, str | None, str | None]] = []   # (sent_at, status, version, error)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        session = requests.Session()
-        while not self._stop.is_set() and len(self.results) < self.max_requests:
-            sent = time.monotonic()
-            try:
-                r = session.post(self.url, json=self.body, timeout=30)
-                doc = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-                self.results.append((sent, r.status_code, doc.get("version"), None if r.ok else r.text[:200]))
-            except Exception as e:
-                self.results.append((sent, -1, None, repr(e)[:200]))
-            time.sleep(0.01)
-
-    def failures(self) -> list:
-        return [r for r in self.results if r[1] != 200]
-
-
 def _all_replicas_on(app: str, version: str, n: int):
     rows = replicas_of(app)
     ok = len(rows) == n and all(r.get("version") == version for r in rows)
@@ -245,7 +212,7 @@ def test_hot_swap_under_load_and_failed_swaps_keep_serving(serve_url, embedded_a
     wait_for(lambda: _all_replicas_on(SWAP_APP, "1", 2), what="2 replicas on v1")
     replica_ids = {r["replica"] for r in replicas_of(SWAP_APP)}
 
-    with RequestLoop(url, {"inputs": X.tolist()}) as loop:
+    with RequestLoop(url, {"inputs": X.tolist()}, max_requests=5000, pause=0.01) as loop:
         time.sleep(1.0)
         embedded_apps.apply(f"models:/{NAME}/2")
         wait_for(lambda: _all_replicas_on(SWAP_APP, "2", 2), what="every replica on v2")
@@ -264,7 +231,7 @@ def test_hot_swap_under_load_and_failed_swaps_keep_serving(serve_url, embedded_a
     # A swap to a missing version, then to one whose artifacts are not a model: v2 keeps serving, the
     # failure is visible (status, answers), and Serve's health check does not restart anything.
     for bad, needle in ((f"models:/{NAME}/99", "99"), (broken_uri, "MLmodel")):
-        with RequestLoop(url, {"inputs": X.tolist()}) as loop:
+        with RequestLoop(url, {"inputs": X.tolist()}, max_requests=5000, pause=0.01) as loop:
             embedded_apps.apply(bad)
             rows = wait_for(lambda: all((r.get("error") or {}).get("uri") == bad for r in replicas_of(SWAP_APP))
                             and replicas_of(SWAP_APP), what=f"every replica to report the failed swap to {bad}")

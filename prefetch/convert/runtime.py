@@ -8,6 +8,7 @@ so that it has the shape the original model answers with.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def open_model(path: Path, format: str, io: dict, options: dict) -> "DerivedMode
     raise UnsupportedFormat(f"unknown derived format '{format}' (onnx or torchscript)")
 
 
-class DerivedModel:
+class DerivedModel(ABC):
     """Common input handling: DataFrame / ndarray / list of lists -> one tensor in the recorded dtype."""
 
     format = ""
@@ -68,8 +69,9 @@ class DerivedModel:
         out = np.asarray(out)
         return out[..., 0] if self.io.get("squeeze_output") and out.ndim >= 1 and out.shape[-1] == 1 else out
 
+    @abstractmethod
     def predict(self, data, params: dict | None = None) -> np.ndarray:
-        raise NotImplementedError
+        """Outputs for a DataFrame, an ndarray, a list of rows or a single row (each runtime's own call)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path})"
