@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .config import Settings
-from .errors import PrefetchError
+from .errors import PrefetchError, error_fields  # noqa: F401  (error_fields: re-exported)
 from .lifecycle import pid_alive, pin, pins, unpin
 from .store import Store
 
@@ -43,23 +43,6 @@ RECENT = 50                        # warms remembered for `status` (memory only:
 
 def agent_name(node_id: str) -> str:
     return f"{AGENT_PREFIX}{node_id}"
-
-
-# -- errors as data (a row of a per-node table) ----------------------------------------------------------------
-def error_fields(e: BaseException) -> dict:
-    """ok=False row fields for an exception: a PrefetchError keeps its exit code; a local OSError (an unwritable
-    or full cache dir) is 6 when the disk is full, else 1."""
-    import errno
-
-    if isinstance(e, PrefetchError):
-        code = e.exit_code
-    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        code = 6
-    else:
-        code = 1
-    text = str(e) if isinstance(e, PrefetchError) else f"{type(e).__name__}: {e}"
-    return {"ok": False, "error": text.splitlines()[0] if text else type(e).__name__, "exit_code": code,
-            "error_type": type(e).__name__}
 
 
 # -- in-flight downloads (any process on this node) ------------------------------------------------------------

@@ -237,10 +237,10 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
     """Memory per replica and in total (factor x MLmodel's model_size_bytes), as ray_actor_options.
 
     Exit 6 when a reachable cluster cannot admit that many replicas."""
-    from .config import _parse_bytes
+    from .config import parse_bytes
 
     try:
-        overhead_bytes = _parse_bytes(overhead)
+        overhead_bytes = parse_bytes(overhead)
     except ValueError:
         raise _fail(BadURI(f"--overhead: '{overhead}' is not a size (e.g. 300MiB, 1G, 1000)")) from None
     from serving.memory import plan as plan_memory

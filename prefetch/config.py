@@ -26,7 +26,7 @@ _ENV = {
 }
 
 
-def _parse_bytes(text: str) -> int:
+def parse_bytes(text: str) -> int:
     """'512MiB', '2G', '1000' -> bytes. Binary units for both spellings: caches are sized in GiB."""
     t = text.strip().upper().replace("IB", "").replace("B", "")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -87,7 +87,7 @@ def _coerce(field: dataclasses.Field, value):
     if field.name == "cache_dir":
         return Path(value).expanduser().resolve()
     if field.name in ("max_bytes", "chunk_bytes", "multipart_threshold"):
-        return None if value in (None, "", "0", 0) and field.name == "max_bytes" else _parse_bytes(str(value))
+        return None if value in (None, "", "0", 0) and field.name == "max_bytes" else parse_bytes(str(value))
     if field.name in ("max_concurrency", "max_attempts"):
         return int(value)
     return float(value)

@@ -65,3 +65,31 @@ class UnsupportedFormat(BadURI):
 
 # Failures where the origin may come back: a partial download is kept in staging to resume.
 TransientOrUnreachable = (Unreachable,)
+
+
+def one_line(e: BaseException, limit: int = 300, typed: bool = False) -> str:
+    """The one line a user sees for an error: its first line, white space folded, at most `limit` characters.
+    typed=True prefixes the exception's type for errors that are not ours (a bare KeyError says nothing)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    text = " ".join(lines[0].split()) if lines else ""
+    if typed and not isinstance(e, PrefetchError):
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = text or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def exit_code_for(e: BaseException) -> int:
+    """The CLI exit code for any exception: ours carry theirs; a full local disk is 6; anything else 1."""
+    import errno
+
+    if isinstance(e, PrefetchError):
+        return e.exit_code
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace.exit_code
+    return 1
+
+
+def error_fields(e: BaseException) -> dict:
+    """ok=False fields of a result row (a per-node table, a --json document) for an exception."""
+    return {"ok": False, "error": one_line(e, limit=1000, typed=True), "exit_code": exit_code_for(e),
+            "error_type": type(e).__name__}

@@ -37,11 +37,11 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 from .errors import BadURI, PrefetchError, Unreachable
+from .formats import FORMATS
 from .serve_app import _brief, _value, apply_configs, declarative_configs, inspect_app, replica_rows, serve_details
 from .serve_config import ConfigFile
 
 MODES = ("user_config", "redeploy")
-FORMATS = ("native", "onnx", "torchscript")   # serving.loader.FORMATS (not imported: it would import serving)
 DEFAULT_TIMEOUT_S = 300.0
 POLL_S = 0.5
 

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from prefetch.errors import PrefetchError
+from prefetch.formats import FORMATS  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("native", "onnx", "torchscript")
 
 
 class ModelLoadError(PrefetchError):
