@@ -248,3 +248,91 @@ def list_objects(settings: Settings | None = None) -> list[dict]:
                      "path": str(store.paths.object_dir(m.key)), "pinned": m.key in pins,
                      "leases": len(lifecycle.active_leases(store, m.key))})
     return rows
+
+
+def check_format(format: str) -> str:
+    """The format a caller asked for, or BadURI naming the ones there are (before anything is resolved)."""
+    from .errors import BadURI
+    from .formats import FORMATS
+
+    if format not in FORMATS:
+        raise BadURI(f"unknown --format '{format}' ({', '.join(FORMATS[:-1])} or {FORMATS[-1]})")
+    return format
+
+
+_warm = warm   # `pin(..., warm=True)` names its flag after the CLI's --warm, which hides the function
+
+
+@dataclasses.dataclass(frozen=True)
+class Pinned:
+    key: str
+    uri: str | None            # None when pinned by key
+    newly_pinned: bool         # False: it was pinned already
+    cached: bool               # the object is on disk now
+    warmed: Warmed | None      # the warm this call ran (a URI not cached yet)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "uri": self.uri, "pinned": True, "newly_pinned": self.newly_pinned,
+                "cached": self.cached, "warmed": self.warmed.to_dict() if self.warmed else None}
+
+
+def pin(target: str, *, warm: bool = True, settings: Settings | None = None,
+        progress: Progress | None = None) -> Pinned:
+    """Keep an object whatever the cap. A URI not cached yet is pinned first, then warmed (so nothing can evict
+    it once committed); if that warm fails, a pin this call added is taken back and the warm's error raised."""
+    from . import lifecycle
+
+    settings = settings or Settings.load()
+    store = Store(settings.cache_dir)
+    key, uri, cached = lifecycle.key_for(store, settings, target)
+    added = lifecycle.pin(store, key, uri)
+    warmed = None
+    if not cached and uri is not None and warm:
+        try:
+            warmed = _warm(uri, settings=settings, progress=progress)
+        except BaseException:
+            if added:
+                lifecycle.unpin(store, key)
+            raise
+    return Pinned(key, uri, added, cached or warmed is not None, warmed)
+
+
+def unpin(target: str, *, settings: Settings | None = None) -> list[str]:
+    """Let what target names (a key, or the URI it was pinned with) be evicted again. Returns the keys unpinned."""
+    from . import lifecycle
+
+    settings = settings or Settings.load()
+    return lifecycle.unpin_target(Store(settings.cache_dir), settings, target)
+
+
+@dataclasses.dataclass(frozen=True)
+class GcReport:
+    dry_run: bool
+    actions: list               # lifecycle.GcAction, in the order gc took them
+    used_bytes: int             # what the cache holds afterwards
+    max_bytes: int | None       # the cap (None: no cap)
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(a.bytes for a in self.actions)
+
+    @property
+    def over_cap(self) -> bool:
+        """Still over the cap after a real gc: what is left is pinned, leased or being written."""
+        return bool(self.max_bytes) and self.used_bytes > self.max_bytes and not self.dry_run
+
+    def to_dict(self) -> dict:
+        return {"dry_run": self.dry_run, "actions": [a.to_dict() for a in self.actions],
+                "freed_bytes": self.freed_bytes, "used_bytes": self.used_bytes, "max_bytes": self.max_bytes,
+                "over_cap": self.over_cap}
+
+
+def gc(*, dry_run: bool = False, staging_age: float = 3600.0, settings: Settings | None = None) -> GcReport:
+    """Enforce the cap now; remove stale staging dirs (untouched for staging_age seconds, no live downloader),
+    dead leases, trash and orphaned derived artifacts."""
+    from . import lifecycle
+
+    settings = settings or Settings.load()
+    store = Store(settings.cache_dir)
+    actions = lifecycle.gc(store, settings, dry_run=dry_run, staging_age=staging_age)
+    return GcReport(dry_run, actions, lifecycle.usage(store).total, settings.max_bytes)

@@ -1,5 +1,9 @@
 """`prefetch ...`: a thin shell over the library (no logic of its own).
 
+Each command parses its arguments, calls one library function, renders the result (prefetch.render) or prints
+it as JSON, and exits with the code the library's answer or error implies (prefetch.errors.exit_code_for).
+A PrefetchError a command does not catch reaches main(), which prints it as one line.
+
 Conventions (DESIGN.md): `--json` prints one JSON document on stdout; human output goes to stderr.
 Errors are one line naming the URI, with the exit code of their kind (2 usage/URI, 3 not found,
 4 unreachable, 5 integrity, 6 no space); a traceback only with --debug. Heavy modules (mlflow, ray, torch)
@@ -7,17 +11,16 @@ are imported inside the commands that need them, so a cache hit stays fast.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
-from .config import human_bytes
-from .errors import BadURI, PrefetchError
+from . import render
+from .errors import BadURI, PrefetchError, error_fields, exit_code_for, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Node-local model artifact cache for Ray Serve.")
@@ -35,25 +38,25 @@ def _emit_json(doc) -> None:
     sys.stdout.flush()
 
 
-def _fail(error: Exception) -> "typer.Exit":
-    """One line on stderr, the error's exit code."""
+def _fail(error: BaseException, text: str | None = None) -> "typer.Exit":
+    """One line on stderr (text, else the error's own line), the error's exit code."""
     if _state["debug"]:
         import traceback
 
         traceback.print_exception(error, file=sys.stderr)
-    code = getattr(error, "exit_code", 1)
-    _console().print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+    render.error(_console(), text or one_line(error, limit=1000))
+    return typer.Exit(exit_code_for(error))
 
 
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    s = time.time() - ts
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s / size:.0f}{unit} ago"
-    return f"{s:.0f}s ago"
+def _finish(doc: dict, as_json: bool, show: Callable, code: int | None = None) -> None:
+    """A report command's end: the JSON document or show(doc, console), then its exit code when not ok
+    (code, else the report's own exit_code, else 1)."""
+    if as_json:
+        _emit_json(doc)
+    else:
+        show(doc, _console())
+    if not doc.get("ok", True):
+        raise typer.Exit(code or doc.get("exit_code") or 1)
 
 
 class _Bar:
@@ -100,49 +103,38 @@ def warm(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Resolve each URI and cache its artifacts on local disk, once, atomically."""
-    if format not in ("native", "onnx", "torchscript"):
-        raise _fail(BadURI(f"unknown --format '{format}' (native, onnx or torchscript)"))
+    from .api import check_format
+
+    check_format(format)
     options = {"tolerance": tolerance} if tolerance is not None else {}
     if cluster:
         return _warm_cluster(uris, format, address, options, as_json)
     from .api import warm as warm_one
 
     results, first_error = [], None
-    for uri in uris:
+    for uri in uris:   # one URI failing does not stop the others: each gets its row, the first error its exit
         try:
             with _Bar(f"warming {uri}", enabled=not as_json) as bar:
                 w = warm_one(uri, format=format, progress=bar, convert_options=options)
             results.append({"ok": True, **w.to_dict()})
             if not as_json:
-                state = "hit" if w.from_cache else f"fetched {human_bytes(w.origin_bytes)}"
-                who = f" ({w.resolved.name} v{w.resolved.version})" if w.resolved.version else ""
-                _console().print(f"{uri}{who}: {state} in {w.seconds:.2f}s -> {w.path}", highlight=False, soft_wrap=True)
-                if w.resolved.note:
-                    _console().print(f"[yellow]note:[/yellow] {w.resolved.note}", highlight=False, soft_wrap=True)
+                render.warmed(uri, w, _console())
         except PrefetchError as e:
             first_error = first_error or e
-            results.append({"ok": False, "uri": uri, "error": str(e), "exit_code": e.exit_code})
+            results.append({"uri": uri, **error_fields(e)})
             if not as_json:
                 _fail(e)
     if as_json:
         _emit_json({"results": results, "ok": first_error is None})
     if first_error is not None:
-        raise typer.Exit(first_error.exit_code)
+        raise typer.Exit(exit_code_for(first_error))
 
 
 def _warm_cluster(uris, format, address, options, as_json) -> None:
     from .cluster import render_warm_table, warm_cluster
 
-    try:
-        report = warm_cluster(uris, format=format, address=address, convert_options=options)
-    except PrefetchError as e:
-        raise _fail(e)
-    if as_json:
-        _emit_json(report)
-    else:
-        render_warm_table(report, _console())
-    if not report["ok"]:
-        raise typer.Exit(report.get("exit_code", 1))
+    report = warm_cluster(uris, format=format, address=address, convert_options=options)
+    _finish(report, as_json, render_warm_table)
 
 
 @app.command()
@@ -150,21 +142,10 @@ def resolve(uri: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Show what a URI resolves to (immutable version, storage, files) without moving any bytes."""
     from .uri import resolve as resolve_uri
 
-    try:
-        r = resolve_uri(uri)
-    except PrefetchError as e:
-        raise _fail(e)
-    doc = r.to_dict()
+    r = resolve_uri(uri)
     if as_json:
-        return _emit_json(doc)
-    c = _console()
-    for field in ("uri", "key", "kind", "name", "version", "run_id", "model_id", "storage_uri"):
-        if doc.get(field) is not None:
-            c.print(f"{field:>12}: {doc[field]}", highlight=False, soft_wrap=True)
-    if r.files is not None:
-        c.print(f"{'files':>12}: {len(r.files)} ({human_bytes(r.bytes)})", highlight=False)
-    if r.note:
-        c.print(f"[yellow]note:[/yellow] {r.note}", highlight=False, soft_wrap=True)
+        return _emit_json(r.to_dict())
+    render.resolved(r, _console())
 
 
 @app.command("ls")
@@ -175,14 +156,7 @@ def ls_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     rows = list_objects()
     if as_json:
         return _emit_json({"objects": rows, "bytes": sum(r["bytes"] for r in rows)})
-    from rich.table import Table
-
-    table = Table("key", "uri", "version", "size", "last used", "pinned", "leases", box=None)
-    for r in rows:
-        table.add_row(r["key"], r["uri"], str(r.get("version") or "-"), human_bytes(r["bytes"]), _ago(r["last_used"]),
-                      "yes" if r.get("pinned") else "", str(r.get("leases") or ""))
-    _console().print(table)
-    _console().print(f"{len(rows)} objects, {human_bytes(sum(r['bytes'] for r in rows))}", highlight=False)
+    render.objects_table(rows, _console())
 
 
 @app.command()
@@ -192,22 +166,16 @@ def verify(key: Optional[str] = typer.Argument(None, help="A key or unique key p
     """Re-hash cached objects against their manifests; report (and repair) corruption."""
     from .api import verify as verify_objects
 
-    try:
-        reports = verify_objects(key, repair=repair)
-    except PrefetchError as e:
-        raise _fail(e)
+    from .errors import IntegrityError
+
+    reports = verify_objects(key, repair=repair)
     ok = all(r.ok for r in reports)
     if as_json:
         _emit_json({"objects": [r.to_dict() for r in reports], "ok": ok})
     else:
-        for r in reports:
-            if not r.bad:
-                _console().print(f"ok        {r.key} ({r.files} files)", highlight=False)
-            else:
-                state = "repaired" if r.repaired else "CORRUPT "
-                _console().print(f"{state}  {r.key}: {', '.join(r.bad)}", highlight=False, soft_wrap=True)
+        render.verify_reports(reports, _console())
     if not ok:
-        raise typer.Exit(5)
+        raise typer.Exit(IntegrityError.exit_code)
 
 
 @app.command()
@@ -216,13 +184,10 @@ def rm(key: str = typer.Argument(..., help="A key or unique key prefix."),
     """Remove a cached object and what was derived from it."""
     from .api import remove
 
-    try:
-        full, freed = remove(key)
-    except PrefetchError as e:
-        raise _fail(e)
+    full, freed = remove(key)
     if as_json:
         return _emit_json({"key": full, "freed_bytes": freed})
-    _console().print(f"removed {full} ({human_bytes(freed)})", highlight=False)
+    render.removed(full, freed, _console())
 
 
 # -- serving: plan (memory) ------------------------------------------------------------------------------------
@@ -242,38 +207,19 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
     try:
         overhead_bytes = parse_bytes(overhead)
     except ValueError:
-        raise _fail(BadURI(f"--overhead: '{overhead}' is not a size (e.g. 300MiB, 1G, 1000)")) from None
-    from serving.memory import plan as plan_memory
+        raise BadURI(f"--overhead: '{overhead}' is not a size (e.g. 300MiB, 1G, 1000)") from None
+    from serving.memory import cluster_too_small, plan as plan_memory
 
-    try:
-        doc = plan_memory(uri, replicas, factor, overhead_bytes=overhead_bytes,
-                          address=address or os.environ.get("RAY_ADDRESS") or None)
-    except PrefetchError as e:
-        raise _fail(e)
-    cluster = doc["cluster"]
-    short = bool(cluster and cluster.get("reachable") and not cluster["fits"])
+    doc = plan_memory(uri, replicas, factor, overhead_bytes=overhead_bytes,
+                      address=address or os.environ.get("RAY_ADDRESS") or None)
     if as_json:
         _emit_json(doc)
     else:
-        c = _console()
-        who = f" ({doc['name']} v{doc['version']})" if doc.get("version") else ""
-        extra = f" + {human_bytes(overhead_bytes)}" if overhead_bytes else ""
-        c.print(f"{uri}{who}: model {human_bytes(doc['model_bytes'])} ({doc['size_source']})", highlight=False,
-                soft_wrap=True)
-        c.print(f"per replica: {human_bytes(doc['per_replica_bytes'])} ({factor:g}x{extra})  ->  "
-                f"ray_actor_options={{\"memory\": {doc['per_replica_bytes']}}}", highlight=False, soft_wrap=True)
-        c.print(f"{replicas} replica{'s' if replicas != 1 else ''}: {human_bytes(doc['total_bytes'])}",
-                highlight=False)
-        if cluster and cluster.get("reachable"):
-            verdict = "fits" if cluster["fits"] else "[red]does NOT fit[/red]"
-            c.print(f"cluster {cluster['address']}: {len(cluster['nodes'])} node(s), "
-                    f"{human_bytes(cluster['memory_bytes'])} of memory resource "
-                    f"({human_bytes(cluster['available_memory_bytes'])} free): room for {cluster['replicas_fit']} "
-                    f"such replicas -> {verdict}", highlight=False, soft_wrap=True)
-        elif cluster:
-            c.print(f"[yellow]note:[/yellow] no cluster check: {cluster['error']}", highlight=False, soft_wrap=True)
-    if short:
-        raise typer.Exit(6)
+        render.memory_plan(doc, _console())
+    if cluster_too_small(doc):
+        from .errors import NoSpace
+
+        raise typer.Exit(NoSpace.exit_code)
 
 
 # -- node agents: status, daemon ------------------------------------------------------------------------------
@@ -286,16 +232,7 @@ def status(address: Optional[str] = typer.Option(None, "--address", help="Ray cl
         return _app_status(app_name, address, as_json)
     from .cluster import cluster_status, render_status_table
 
-    try:
-        report = cluster_status(address)
-    except PrefetchError as e:
-        raise _fail(e)
-    if as_json:
-        _emit_json(report)
-    else:
-        render_status_table(report, _console())
-    if not report["ok"]:
-        raise typer.Exit(1)
+    _finish(cluster_status(address), as_json, render_status_table, code=1)
 
 
 @app.command()
@@ -313,35 +250,27 @@ def daemon(
     The set comes from --models-file and PREFETCH_MODELS (comma or newline separated). Returns quickly: this
     node's agent and the cluster's controller (detached Ray actors) keep going."""
     from .agent import load_models
+    from .api import check_format
 
-    try:
-        if format not in ("native", "onnx", "torchscript"):
-            raise BadURI(f"unknown --format '{format}' (native, onnx or torchscript)")
-        if clear:
-            from .controller import clear_desired
+    check_format(format)
+    if clear:
+        from .controller import clear_desired
 
-            report = clear_desired(address)
-        else:
-            if not interval > 0:
-                raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
-            uris = load_models(models_file)
-            if not uris:
-                raise BadURI("no models to keep warm: give --models-file FILE or set PREFETCH_MODELS")
-            from .agent import validate_uris
-            from .controller import run_daemon
-
-            validate_uris(uris)   # a typo fails here, before Ray is touched
-            report = run_daemon(uris, interval=interval, once=once, address=address, format=format)
-    except PrefetchError as e:
-        raise _fail(e)
-    if as_json:
-        _emit_json(report)
+        report = clear_desired(address)
     else:
-        from .controller import render_daemon_report
+        if not interval > 0:
+            raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
+        uris = load_models(models_file)
+        if not uris:
+            raise BadURI("no models to keep warm: give --models-file FILE or set PREFETCH_MODELS")
+        from .agent import validate_uris
+        from .controller import run_daemon
 
-        render_daemon_report(report, _console())
-    if not report.get("ok", True):
-        raise typer.Exit(report.get("exit_code", 1))
+        validate_uris(uris)   # a typo fails here, before Ray is touched
+        report = run_daemon(uris, interval=interval, once=once, address=address, format=format)
+    from .controller import render_daemon_report
+
+    _finish(report, as_json, render_daemon_report)
 
 
 # -- lifecycle: gc, pin, unpin ---------------------------------------------------------------------------------
@@ -351,33 +280,12 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only print what wo
                                          "with no live downloader, before it is removed (it could still resume)."),
        as_json: bool = typer.Option(False, "--json")) -> None:
     """Enforce the cache cap now; remove stale staging dirs, dead leases, trash and orphaned derived artifacts."""
-    from . import lifecycle
-    from .config import Settings
-    from .store import Store
+    from .api import gc as collect
 
-    settings = Settings.load()
-    store = Store(settings.cache_dir)
-    try:
-        actions = lifecycle.gc(store, settings, dry_run=dry_run, staging_age=staging_age * 60)
-    except PrefetchError as e:
-        raise _fail(e)
-    freed = sum(a.bytes for a in actions)
-    used = lifecycle.usage(store).total
-    over = bool(settings.max_bytes) and used > settings.max_bytes and not dry_run
+    report = collect(dry_run=dry_run, staging_age=staging_age * 60)
     if as_json:
-        return _emit_json({"dry_run": dry_run, "actions": [a.to_dict() for a in actions], "freed_bytes": freed,
-                           "used_bytes": used, "max_bytes": settings.max_bytes, "over_cap": over})
-    c = _console()
-    verb = "would remove" if dry_run else "removed"
-    for a in actions:
-        c.print(f"{verb} {a.kind:<14} {a.target} ({human_bytes(a.bytes)}){'  ' + a.detail if a.detail else ''}",
-                highlight=False, soft_wrap=True)
-    cap = f" of a {human_bytes(settings.max_bytes)} cap" if settings.max_bytes else ""
-    c.print(f"{verb} {len(actions)} item(s), {human_bytes(freed)}; cache holds {human_bytes(used)}{cap}",
-            highlight=False)
-    if over:
-        c.print("[yellow]note:[/yellow] still over the cap: what is left is pinned, leased or being written",
-                highlight=False)
+        return _emit_json(report.to_dict())
+    render.gc_report(report, _console())
 
 
 @app.command()
@@ -387,55 +295,25 @@ def pin(target: str = typer.Argument(..., help="A cached key (or unique prefix),
         as_json: bool = typer.Option(False, "--json")) -> None:
     """Keep an object whatever the cap. A URI not cached yet is pinned, then warmed (so nothing can evict it
     once committed); if that warm fails, the pin is taken back and the warm's error is reported."""
-    from . import lifecycle
-    from .config import Settings
-    from .store import Store
+    from .api import pin as pin_target
 
-    settings = Settings.load()
-    store = Store(settings.cache_dir)
-    warmed = None
-    try:
-        key, uri, cached = lifecycle.key_for(store, settings, target)
-        added = lifecycle.pin(store, key, uri)
-        if not cached and uri is not None and warm_first:
-            from .api import warm as warm_one
-
-            try:
-                with _Bar(f"warming {uri}", enabled=not as_json) as bar:
-                    warmed = warm_one(uri, settings=settings, progress=bar)
-            except BaseException:
-                if added:
-                    lifecycle.unpin(store, key)
-                raise
-    except PrefetchError as e:
-        raise _fail(e)
-    cached = cached or warmed is not None
+    with _Bar(f"warming {target}", enabled=not as_json) as bar:
+        pinned = pin_target(target, warm=warm_first, progress=bar)
     if as_json:
-        return _emit_json({"key": key, "uri": uri, "pinned": True, "newly_pinned": added, "cached": cached,
-                           "warmed": warmed.to_dict() if warmed else None})
-    state = "" if added else " (already pinned)"
-    where = "" if cached else " - not cached yet; a later warm will be kept"
-    fetched = f", fetched {human_bytes(warmed.origin_bytes)}" if warmed else ""
-    _console().print(f"pinned {key}{state}{fetched}{where}", highlight=False, soft_wrap=True)
+        return _emit_json(pinned.to_dict())
+    render.pinned(pinned, _console())
 
 
 @app.command()
 def unpin(target: str = typer.Argument(..., help="A key (or unique prefix), or the URI it was pinned with."),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Let a pinned object be evicted again (it stays cached until the cap needs its space)."""
-    from . import lifecycle
-    from .config import Settings
-    from .store import Store
+    from .api import unpin as unpin_target
 
-    settings = Settings.load()
-    try:
-        keys = lifecycle.unpin_target(Store(settings.cache_dir), settings, target)
-    except PrefetchError as e:
-        raise _fail(e)
+    keys = unpin_target(target)
     if as_json:
         return _emit_json({"target": target, "unpinned": keys})
-    _console().print(f"unpinned {', '.join(keys)}" if keys else f"{target}: was not pinned", highlight=False,
-                     soft_wrap=True)
+    render.unpinned(target, keys, _console())
 
 
 @app.command("metrics")
@@ -451,15 +329,12 @@ def metrics_cmd(port: Optional[int] = typer.Option(None, "--port", help="Serve /
         if not as_json:
             sys.stdout.write(text)
             return
-        from prometheus_client.parser import text_string_to_metric_families
-
-        return _emit_json({"metrics": [{"name": s.name, "labels": s.labels, "value": s.value}
-                                       for fam in text_string_to_metric_families(text) for s in fam.samples]})
+        return _emit_json({"metrics": render.metrics_samples(text)})
     server = metrics.start_http_server(port, addr=addr)
     if as_json:
         _emit_json({"url": server.url, "port": server.port})
     else:
-        _console().print(f"serving {server.url} (Ctrl-C to stop)", highlight=False)
+        render.metrics_serving(server.url, _console())
     try:
         while True:
             time.sleep(3600)
@@ -483,8 +358,7 @@ def _printer(as_json: bool, describe):
 
 def _rollout_fail(e: PrefetchError, as_json: bool) -> "typer.Exit":
     if as_json:
-        _emit_json(getattr(e, "report", {}) | {"ok": False, "error": str(e), "exit_code": e.exit_code,
-                                               "stage": getattr(e, "stage", None)})
+        _emit_json(getattr(e, "report", {}) | error_fields(e) | {"stage": getattr(e, "stage", None)})
     return _fail(e)
 
 
@@ -519,7 +393,7 @@ def rollout(
     if as_json:
         _emit_json(report)
     elif report.get("note"):
-        _console().print(f"[yellow]note:[/yellow] {report['note']}", highlight=False, soft_wrap=True)
+        render.note(_console(), report["note"])
 
 
 @app.command()
@@ -558,13 +432,10 @@ def watch(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     options = {"tolerance": tolerance} if tolerance is not None else None
-    try:
-        summary = w.watch(uri, app_name, interval=interval, mode=mode, config_path=config, format=format,
-                          convert_options=options, deployment=deployment, address=address, timeout=timeout,
-                          once_moved=once_moved, max_rollouts=max_rollouts, duration=duration, stop=stop,
-                          on_event=_printer(as_json, w.describe_event))
-    except PrefetchError as e:
-        raise _fail(e)
+    summary = w.watch(uri, app_name, interval=interval, mode=mode, config_path=config, format=format,
+                      convert_options=options, deployment=deployment, address=address, timeout=timeout,
+                      once_moved=once_moved, max_rollouts=max_rollouts, duration=duration, stop=stop,
+                      on_event=_printer(as_json, w.describe_event))
     if as_json:
         _emit_json(summary)
     else:
@@ -577,16 +448,7 @@ def _app_status(app_name: str, address: Optional[str], as_json: bool) -> None:
     """`prefetch status --app APP`: the version each replica of a Serve app serves."""
     from .serve_app import app_status, render_app_status
 
-    try:
-        doc = app_status(app_name, address)
-    except PrefetchError as e:
-        raise _fail(e)
-    if as_json:
-        _emit_json(doc)
-    else:
-        render_app_status(doc, _console())
-    if not doc["ok"]:
-        raise typer.Exit(1)
+    _finish(app_status(app_name, address), as_json, render_app_status, code=1)
 
 
 def main() -> None:
@@ -595,14 +457,11 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
-    except PrefetchError as e:   # a command that let one through: still one line, its own exit code
+    except PrefetchError as e:   # what a command does not handle itself: one line, its own exit code
         raise SystemExit(_fail(e).exit_code)
     except OSError as e:
         # The local disk refused us (unwritable cache dir, read-only mount...): one line naming the path.
-        from .errors import LocalIOError, NoSpace
-
-        kind = NoSpace if e.errno == errno.ENOSPC else LocalIOError
-        raise SystemExit(_fail(kind(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))).exit_code)
+        raise SystemExit(_fail(e, f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")).exit_code)
 
 
 if __name__ == "__main__":

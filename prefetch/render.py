@@ -4,6 +4,138 @@ from __future__ import annotations
 
 
 # --- local store: ls, verify, gc, pins, plan -----------------------------------------------------------------
+import time  # noqa: E402  (kept in this section so each section merges on its own)
+
+from .config import human_bytes  # noqa: E402
+
+
+def ago(ts: float | None) -> str:
+    """A timestamp as "3h ago" ("-" for never)."""
+    if not ts:
+        return "-"
+    s = time.time() - ts
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+def _line(console, text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True)
+
+
+def note(console, text: str) -> None:
+    _line(console, f"[yellow]note:[/yellow] {text}")
+
+
+def error(console, text: str) -> None:
+    _line(console, f"[red]error:[/red] {text}")
+
+
+def warmed(uri: str, w, console) -> None:
+    """`prefetch warm` (one URI, this node): hit or fetched, how long, where it landed."""
+    state = "hit" if w.from_cache else f"fetched {human_bytes(w.origin_bytes)}"
+    who = f" ({w.resolved.name} v{w.resolved.version})" if w.resolved.version else ""
+    _line(console, f"{uri}{who}: {state} in {w.seconds:.2f}s -> {w.path}")
+    if w.resolved.note:
+        note(console, w.resolved.note)
+
+
+def resolved(r, console) -> None:
+    """`prefetch resolve`: the identity fields that are set, the file count and size if listed."""
+    doc = r.to_dict()
+    for field in ("uri", "key", "kind", "name", "version", "run_id", "model_id", "storage_uri"):
+        if doc.get(field) is not None:
+            _line(console, f"{field:>12}: {doc[field]}")
+    if r.files is not None:
+        console.print(f"{'files':>12}: {len(r.files)} ({human_bytes(r.bytes)})", highlight=False)
+    if r.note:
+        note(console, r.note)
+
+
+def objects_table(rows: list[dict], console) -> None:
+    """`prefetch ls`: one row per cached object, then the totals."""
+    from rich.table import Table
+
+    table = Table("key", "uri", "version", "size", "last used", "pinned", "leases", box=None)
+    for r in rows:
+        table.add_row(r["key"], r["uri"], str(r.get("version") or "-"), human_bytes(r["bytes"]), ago(r["last_used"]),
+                      "yes" if r.get("pinned") else "", str(r.get("leases") or ""))
+    console.print(table)
+    console.print(f"{len(rows)} objects, {human_bytes(sum(r['bytes'] for r in rows))}", highlight=False)
+
+
+def verify_reports(reports, console) -> None:
+    """`prefetch verify`: ok, repaired or CORRUPT per object."""
+    for r in reports:
+        if not r.bad:
+            console.print(f"ok        {r.key} ({r.files} files)", highlight=False)
+        else:
+            state = "repaired" if r.repaired else "CORRUPT "
+            _line(console, f"{state}  {r.key}: {', '.join(r.bad)}")
+
+
+def removed(key: str, freed: int, console) -> None:
+    console.print(f"removed {key} ({human_bytes(freed)})", highlight=False)
+
+
+def gc_report(report, console) -> None:
+    """`prefetch gc`: every action, the totals against the cap, and a note when the cap still cannot be met."""
+    verb = "would remove" if report.dry_run else "removed"
+    for a in report.actions:
+        _line(console, f"{verb} {a.kind:<14} {a.target} ({human_bytes(a.bytes)}){'  ' + a.detail if a.detail else ''}")
+    cap = f" of a {human_bytes(report.max_bytes)} cap" if report.max_bytes else ""
+    console.print(f"{verb} {len(report.actions)} item(s), {human_bytes(report.freed_bytes)}; cache holds "
+                  f"{human_bytes(report.used_bytes)}{cap}", highlight=False)
+    if report.over_cap:
+        console.print("[yellow]note:[/yellow] still over the cap: what is left is pinned, leased or being written",
+                      highlight=False)
+
+
+def pinned(p, console) -> None:
+    """`prefetch pin`: the key, whether it was new, what the warm fetched, or that nothing is cached yet."""
+    state = "" if p.newly_pinned else " (already pinned)"
+    where = "" if p.cached else " - not cached yet; a later warm will be kept"
+    fetched = f", fetched {human_bytes(p.warmed.origin_bytes)}" if p.warmed else ""
+    _line(console, f"pinned {p.key}{state}{fetched}{where}")
+
+
+def unpinned(target: str, keys: list[str], console) -> None:
+    _line(console, f"unpinned {', '.join(keys)}" if keys else f"{target}: was not pinned")
+
+
+def memory_plan(doc: dict, console) -> None:
+    """`prefetch plan`: model size, per replica (as ray_actor_options), total, and the cluster's verdict."""
+    who = f" ({doc['name']} v{doc['version']})" if doc.get("version") else ""
+    extra = f" + {human_bytes(doc['overhead_bytes'])}" if doc["overhead_bytes"] else ""
+    replicas = doc["replicas"]
+    _line(console, f"{doc['uri']}{who}: model {human_bytes(doc['model_bytes'])} ({doc['size_source']})")
+    _line(console, f"per replica: {human_bytes(doc['per_replica_bytes'])} ({doc['factor']:g}x{extra})  ->  "
+                   f"ray_actor_options={{\"memory\": {doc['per_replica_bytes']}}}")
+    console.print(f"{replicas} replica{'s' if replicas != 1 else ''}: {human_bytes(doc['total_bytes'])}",
+                  highlight=False)
+    cluster = doc["cluster"]
+    if cluster and cluster.get("reachable"):
+        verdict = "fits" if cluster["fits"] else "[red]does NOT fit[/red]"
+        _line(console, f"cluster {cluster['address']}: {len(cluster['nodes'])} node(s), "
+                       f"{human_bytes(cluster['memory_bytes'])} of memory resource "
+                       f"({human_bytes(cluster['available_memory_bytes'])} free): room for {cluster['replicas_fit']} "
+                       f"such replicas -> {verdict}")
+    elif cluster:
+        note(console, f"no cluster check: {cluster['error']}")
+
+
+def metrics_samples(text: str) -> list[dict]:
+    """Prometheus text as --json rows: name, labels, value per sample."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [{"name": s.name, "labels": s.labels, "value": s.value}
+            for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def metrics_serving(url: str, console) -> None:
+    console.print(f"serving {url} (Ctrl-C to stop)", highlight=False)
+
 
 
 

@@ -150,3 +150,10 @@ def _check(factor: float, overhead_bytes: int) -> None:
         raise BadURI(f"factor must be greater than 0 (got {factor})")
     if overhead_bytes < 0:
         raise BadURI(f"overhead must not be negative (got {overhead_bytes})")
+
+
+def cluster_too_small(doc: dict[str, Any]) -> bool:
+    """A plan's verdict: True when a reachable cluster cannot admit its replicas (`prefetch plan` exits 6).
+    An unreachable cluster is no verdict: the plan still stands on its own."""
+    cluster = doc.get("cluster")
+    return bool(cluster and cluster.get("reachable") and not cluster["fits"])
