@@ -7,9 +7,15 @@ from __future__ import annotations
 
 
 class PrefetchError(Exception):
-    """Base class: one clear line naming the URI and what was wrong."""
+    """Base class: one clear line naming the URI and what was wrong. A subclass states its exit code in its
+    class line (`class NotFound(PrefetchError, exit_code=3)`); one that does not keeps its base's."""
 
     exit_code = 1
+
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
     def __init__(self, message: str, uri: str | None = None):
         self.uri = uri
@@ -17,50 +23,38 @@ class PrefetchError(Exception):
         super().__init__(f"{uri}: {message}" if uri else message)
 
 
-class BadURI(PrefetchError):
-    """Malformed URI or bad usage (exit 2)."""
-
-    exit_code = 2
-
-
-class NotFound(PrefetchError):
-    """The registry or the storage answered, and the thing is not there (exit 3)."""
-
-    exit_code = 3
+# The exit codes of DESIGN.md, one class each.
+class BadURI(PrefetchError, exit_code=2):
+    """Malformed URI or bad usage."""
 
 
-class Unreachable(PrefetchError):
-    """The tracking server or the artifact store could not be reached or refused us (exit 4)."""
-
-    exit_code = 4
+class NotFound(PrefetchError, exit_code=3):
+    """The registry or the storage answered, and the thing is not there."""
 
 
-class IntegrityError(PrefetchError):
-    """Sizes or hashes do not match, or a listing tries to escape its artifact dir (exit 5)."""
-
-    exit_code = 5
+class Unreachable(PrefetchError, exit_code=4):
+    """The tracking server or the artifact store could not be reached or refused us."""
 
 
-class NoSpace(PrefetchError):
-    """The node-local disk cannot hold the artifact, even after eviction (exit 6)."""
-
-    exit_code = 6
+class IntegrityError(PrefetchError, exit_code=5):
+    """Sizes or hashes do not match, or a listing tries to escape its artifact dir."""
 
 
+class NoSpace(PrefetchError, exit_code=6):
+    """The node-local disk cannot hold the artifact, even after eviction."""
+
+
+# Kinds of failure that share a code with one above (and are caught apart from it).
 class LocalIOError(PrefetchError):
-    """The node's own disk refused us (unwritable cache dir, read-only mount...) (exit 1)."""
-
-    exit_code = 1
+    """The node's own disk refused us (unwritable cache dir, read-only mount...): the generic exit 1."""
 
 
-class ConversionError(PrefetchError):
-    """A model could not be converted, or the converted model failed validation (exit 5)."""
-
-    exit_code = 5
+class ConversionError(PrefetchError, exit_code=5):
+    """A model could not be converted, or the converted model failed validation (exit 5, as integrity)."""
 
 
 class UnsupportedFormat(BadURI):
-    """The model's flavor cannot be converted to the asked format (exit 2)."""
+    """The model's flavor cannot be converted to the asked format (exit 2, as bad usage)."""
 
 
 # Failures where the origin may come back: a partial download is kept in staging to resume.

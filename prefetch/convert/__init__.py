@@ -53,7 +53,9 @@ _PYFUNC = "python_function"
 
 def supported_formats(flavor: str | None) -> tuple[str, ...]:
     """Formats a flavor can be served in (native always)."""
-    return ("native", *SUPPORTED.get(flavor or "", ()))
+    from ..formats import NATIVE
+
+    return (NATIVE, *SUPPORTED.get(flavor or "", ()))
 
 
 def flavor_of(model_dir: Path) -> str | None:

@@ -9,12 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import ConversionError
+from ..errors import ConversionError, one_line
+from .options import choice, tool_version, torch_sample
 from .validate import Batch
 
 SKLEARN_OPSET = 17
@@ -25,13 +23,9 @@ TORCH_OPSET = {"dynamo": 18, "legacy": 17}
 MODEL_FILE = "model.onnx"
 
 
-def _bare(v: str) -> str:
-    return v.split("+")[0]        # "2.13.0+cpu" -> "2.13.0": the local build tag does not change the graph
-
-
 # -- scikit-learn ---------------------------------------------------------------------------------------------
 def sklearn_converter_id(options: dict) -> str:
-    return f"skl2onnx{_bare(version('skl2onnx'))}-op{int(options.get('opset') or SKLEARN_OPSET)}"
+    return f"skl2onnx{tool_version('skl2onnx')}-op{int(options.get('opset') or SKLEARN_OPSET)}"
 
 
 def convert_sklearn(model, batch: Batch, out_dir: Path, options: dict) -> dict:
@@ -56,7 +50,7 @@ def convert_sklearn(model, batch: Batch, out_dir: Path, options: dict) -> dict:
             onx = to_onnx(model, initial_types=[("input", FloatTensorType([None, batch.array.shape[1]]))],
                           target_opset=opset, options=conv_options)
     except Exception as e:   # skl2onnx raises plain RuntimeError/NotImplementedError for unknown estimators
-        raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {_one_line(e)}") from e
+        raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {one_line(e)}") from e
     (out_dir / MODEL_FILE).write_bytes(onx.SerializeToString())
     return {"file": MODEL_FILE, "input_dtype": "float32", "row_shape": list(batch.array.shape[1:]),
             "output_index": 0, "converter": "skl2onnx", "opset": opset}
@@ -64,15 +58,12 @@ def convert_sklearn(model, batch: Batch, out_dir: Path, options: dict) -> dict:
 
 # -- PyTorch --------------------------------------------------------------------------------------------------
 def torch_exporter(options: dict) -> str:
-    exporter = options.get("exporter") or "dynamo"
-    if exporter not in TORCH_OPSET:
-        raise ConversionError(f"unknown ONNX exporter '{exporter}' (dynamo or legacy)")
-    return exporter
+    return choice(options, "exporter", tuple(TORCH_OPSET), "ONNX exporter")
 
 
 def torch_onnx_converter_id(options: dict) -> str:
     exporter = torch_exporter(options)
-    return f"torch{_bare(version('torch'))}-{exporter}-op{int(options.get('opset') or TORCH_OPSET[exporter])}"
+    return f"torch{tool_version('torch')}-{exporter}-op{int(options.get('opset') or TORCH_OPSET[exporter])}"
 
 
 def convert_torch(model, batch: Batch, out_dir: Path, options: dict) -> dict:
@@ -81,7 +72,7 @@ def convert_torch(model, batch: Batch, out_dir: Path, options: dict) -> dict:
 
     exporter = torch_exporter(options)
     opset = int(options.get("opset") or TORCH_OPSET[exporter])
-    sample = torch.from_numpy(np.ascontiguousarray(batch.sample()))
+    sample = torch_sample(batch)
     target = out_dir / MODEL_FILE
     try:
         with _quiet_exporter():
@@ -100,7 +91,7 @@ def convert_torch(model, batch: Batch, out_dir: Path, options: dict) -> dict:
         raise
     except Exception as e:
         hint = " (try the legacy exporter: convert option exporter='legacy')" if exporter == "dynamo" else ""
-        raise ConversionError(f"torch.onnx.export ({exporter}) failed: {_one_line(e)}{hint}") from e
+        raise ConversionError(f"torch.onnx.export ({exporter}) failed: {one_line(e)}{hint}") from e
     return {"file": MODEL_FILE, "input_dtype": str(batch.array.dtype), "row_shape": list(batch.array.shape[1:]),
             "output_index": 0, "converter": f"torch.onnx.export({exporter})", "opset": opset}
 
@@ -120,8 +111,3 @@ def _quiet_exporter():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)

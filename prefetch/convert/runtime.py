@@ -38,7 +38,10 @@ def open_model(path: Path, format: str, io: dict, options: dict) -> "DerivedMode
         return OnnxModel(path, io, options)
     if format == "torchscript":
         return TorchScriptModel(path, io, options)
-    raise UnsupportedFormat(f"unknown derived format '{format}' (onnx or torchscript)")
+    from ..formats import NATIVE, FORMATS
+
+    derived = [f for f in FORMATS if f != NATIVE]
+    raise UnsupportedFormat(f"unknown derived format '{format}' ({' or '.join(derived)})")
 
 
 class DerivedModel(ABC):

@@ -10,13 +10,10 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
-
-from ..errors import ConversionError
-from .onnx import _bare, _one_line
+from ..errors import ConversionError, one_line
+from .options import choice, tool_version, torch_sample
 from .validate import Batch
 
 MODEL_FILE = "model.pt"
@@ -25,14 +22,11 @@ _JIT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
 
 
 def method(options: dict) -> str:
-    m = options.get("method") or "trace"
-    if m not in METHODS:
-        raise ConversionError(f"unknown TorchScript method '{m}' (trace or script)")
-    return m
+    return choice(options, "method", METHODS, "TorchScript method")
 
 
 def converter_id(options: dict) -> str:
-    return f"torch{_bare(version('torch'))}-{method(options)}"
+    return f"torch{tool_version('torch')}-{method(options)}"
 
 
 @contextlib.contextmanager
@@ -56,7 +50,7 @@ def convert(model, batch: Batch, out_dir: Path, options: dict) -> dict:
     import torch
 
     how = method(options)
-    sample = torch.from_numpy(np.ascontiguousarray(batch.sample()))
+    sample = torch_sample(batch)
     notes: list[str] = []
     try:
         with quiet_jit(notes), torch.no_grad():
@@ -64,6 +58,6 @@ def convert(model, batch: Batch, out_dir: Path, options: dict) -> dict:
             torch.jit.save(module, str(out_dir / MODEL_FILE))
     except Exception as e:
         hint = " (try method='script')" if how == "trace" else " (try method='trace')"
-        raise ConversionError(f"torch.jit.{how} failed: {_one_line(e)}{hint}") from e
+        raise ConversionError(f"torch.jit.{how} failed: {one_line(e)}{hint}") from e
     return {"file": MODEL_FILE, "input_dtype": str(batch.array.dtype), "row_shape": list(batch.array.shape[1:]),
             "converter": f"torch.jit.{how}", "notes": notes}
