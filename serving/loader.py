@@ -150,18 +150,13 @@ def _acquire_lease(warmed, settings, holder: str | None):
 def prepare_runtime(format: str = "native", model_dir: Path | None = None) -> None:
     """Pay the once-per-process costs of loading a model in `format` now, so that a load time is the model's
     own: imports (with model_dir, also the MLflow flavor module its MLmodel names, e.g. mlflow.sklearn and
-    scikit-learn) and, for MLflow, the package map its requirement check builds on the first load (~1 s here)."""
+    scikit-learn). MLflow's requirement check, whose package map cost ~1 s on the first load, is not run at all:
+    _load_pyfunc asks for suppress_warnings=True."""
     if format != "native":
         import prefetch.convert.runtime  # noqa: F401
         return
     import mlflow.pyfunc  # noqa: F401
 
-    try:
-        from mlflow.utils import requirements_utils
-
-        requirements_utils._init_packages_to_modules_map()   # cached by MLflow for the process
-    except Exception:  # a private helper: if it moves, the first load simply pays for it
-        pass
     if model_dir is not None:
         _import_flavor(model_dir)
 
@@ -205,7 +200,9 @@ def _load_pyfunc(path: Path, uri: str):
     import mlflow.pyfunc
 
     try:
-        return mlflow.pyfunc.load_model(str(path))
+        # suppress_warnings: skip the requirement and Python-version checks (a pip-requirements comparison
+        # that only warns, and whose package map costs ~1 s on a process's first load).
+        return mlflow.pyfunc.load_model(str(path), suppress_warnings=True)
     except Exception as e:
         untrusted = _untrusted_types(e, path)
         if untrusted is not None:
