@@ -15,16 +15,28 @@ import json
 import os
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 
 from . import render
 from .errors import BadURI, PrefetchError, error_fields, exit_code_for, one_line
+from .formats import FORMATS, NATIVE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Node-local model artifact cache for Ray Serve.")
 _state = {"debug": False}
+
+# Options several commands share, declared once.
+_FORMATS = " | ".join(FORMATS)
+Format = Annotated[str, typer.Option("--format", "-f", help=_FORMATS)]
+AppFormat = Annotated[Optional[str], typer.Option("--format", "-f", help=f"{_FORMATS} (default: the app's).")]
+Tolerance = Annotated[Optional[float], typer.Option("--tolerance", help="Max abs error allowed when validating a "
+                                                                      "conversion.")]
+Deployment = Annotated[Optional[str], typer.Option("--deployment", help="The deployment to switch (default: every "
+                                                                        "one with a model_uri).")]
+Address = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address; default: RAY_ADDRESS or auto.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 def _console():
@@ -96,11 +108,11 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."))
 @app.command()
 def warm(
     uris: List[str] = typer.Argument(..., help="models:/..., runs:/..., mlflow-artifacts:/..., s3://..., paths, fsspec URLs"),
-    format: str = typer.Option("native", "--format", "-f", help="native | onnx | torchscript"),
+    format: Format = NATIVE,
     cluster: bool = typer.Option(False, "--cluster", help="Warm on every node of the Ray cluster (one agent per node)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --cluster); default: RAY_ADDRESS or auto."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max abs error allowed when validating a conversion."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    tolerance: Tolerance = None,
+    as_json: AsJson = False,
 ) -> None:
     """Resolve each URI and cache its artifacts on local disk, once, atomically."""
     from .api import check_format
@@ -138,7 +150,7 @@ def _warm_cluster(uris, format, address, options, as_json) -> None:
 
 
 @app.command()
-def resolve(uri: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def resolve(uri: str, as_json: AsJson = False) -> None:
     """Show what a URI resolves to (immutable version, storage, files) without moving any bytes."""
     from .uri import resolve as resolve_uri
 
@@ -149,7 +161,7 @@ def resolve(uri: str, as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command("ls")
-def ls_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+def ls_cmd(as_json: AsJson = False) -> None:
     """List cached objects: size, last use, pins and leases."""
     from .api import list_objects
 
@@ -162,7 +174,7 @@ def ls_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def verify(key: Optional[str] = typer.Argument(None, help="A key or unique key prefix; default: every object."),
            repair: bool = typer.Option(True, "--repair/--no-repair", help="Re-fetch damaged files from the origin."),
-           as_json: bool = typer.Option(False, "--json")) -> None:
+           as_json: AsJson = False) -> None:
     """Re-hash cached objects against their manifests; report (and repair) corruption."""
     from .api import verify as verify_objects
 
@@ -180,7 +192,7 @@ def verify(key: Optional[str] = typer.Argument(None, help="A key or unique key p
 
 @app.command()
 def rm(key: str = typer.Argument(..., help="A key or unique key prefix."),
-       as_json: bool = typer.Option(False, "--json")) -> None:
+       as_json: AsJson = False) -> None:
     """Remove a cached object and what was derived from it."""
     from .api import remove
 
@@ -198,7 +210,7 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
          overhead: str = typer.Option("0", "--overhead", help="Fixed bytes per replica on top (e.g. 300MiB)."),
          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to check against "
                                                "(default: RAY_ADDRESS if set; otherwise no cluster check)."),
-         as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
+         as_json: AsJson = False) -> None:
     """Memory per replica and in total (factor x MLmodel's model_size_bytes), as ray_actor_options.
 
     Exit 6 when a reachable cluster cannot admit that many replicas."""
@@ -224,9 +236,9 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
 
 # -- node agents: status, daemon ------------------------------------------------------------------------------
 @app.command()
-def status(address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: RAY_ADDRESS or auto."),
+def status(address: Address = None,
            app_name: Optional[str] = typer.Option(None, "--app", help="Instead: the version each replica of this Serve app serves."),
-           as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
+           as_json: AsJson = False) -> None:
     """Every node's cache: agent, cache dir, objects, size, in-flight downloads with progress, desired set."""
     if app_name is not None:
         return _app_status(app_name, address, as_json)
@@ -241,9 +253,9 @@ def daemon(
     interval: float = typer.Option(60.0, "--interval", help="Seconds between re-resolutions of mutable URIs (@alias, latest, stages)."),
     once: bool = typer.Option(False, "--once", help="One warm pass on this node, wait for it, exit (nothing keeps running)."),
     clear: bool = typer.Option(False, "--clear", help="Forget the cluster's desired set (cached objects stay)."),
-    format: str = typer.Option("native", "--format", "-f", help="native | onnx | torchscript"),
+    format: Format = NATIVE,
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: RAY_ADDRESS or this node's."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    as_json: AsJson = False,
 ) -> None:
     """Node start-up hook: keep this node (and every node that joins) warm with a declared set of URIs.
 
@@ -278,7 +290,7 @@ def daemon(
 def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only print what would be removed."),
        staging_age: float = typer.Option(60.0, "--staging-age", help="Minutes a staging dir must sit untouched, "
                                          "with no live downloader, before it is removed (it could still resume)."),
-       as_json: bool = typer.Option(False, "--json")) -> None:
+       as_json: AsJson = False) -> None:
     """Enforce the cache cap now; remove stale staging dirs, dead leases, trash and orphaned derived artifacts."""
     from .api import gc as collect
 
@@ -292,7 +304,7 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only print what wo
 def pin(target: str = typer.Argument(..., help="A cached key (or unique prefix), or a URI."),
         warm_first: bool = typer.Option(True, "--warm/--no-warm", help="Warm a URI that is not cached yet "
                                         "(default), or only record the pin so a later warm is kept."),
-        as_json: bool = typer.Option(False, "--json")) -> None:
+        as_json: AsJson = False) -> None:
     """Keep an object whatever the cap. A URI not cached yet is pinned, then warmed (so nothing can evict it
     once committed); if that warm fails, the pin is taken back and the warm's error is reported."""
     from .api import pin as pin_target
@@ -306,7 +318,7 @@ def pin(target: str = typer.Argument(..., help="A cached key (or unique prefix),
 
 @app.command()
 def unpin(target: str = typer.Argument(..., help="A key (or unique prefix), or the URI it was pinned with."),
-          as_json: bool = typer.Option(False, "--json")) -> None:
+          as_json: AsJson = False) -> None:
     """Let a pinned object be evicted again (it stays cached until the cap needs its space)."""
     from .api import unpin as unpin_target
 
@@ -320,7 +332,7 @@ def unpin(target: str = typer.Argument(..., help="A key (or unique prefix), or t
 def metrics_cmd(port: Optional[int] = typer.Option(None, "--port", help="Serve /metrics on this port until "
                                                    "interrupted (0: any free port) instead of printing once."),
                 addr: str = typer.Option("0.0.0.0", "--addr", help="Interface to listen on, with --port."),
-                as_json: bool = typer.Option(False, "--json")) -> None:
+                as_json: AsJson = False) -> None:
     """This node's metrics in Prometheus text format (store gauges; counters count this process only)."""
     from . import metrics
 
@@ -369,14 +381,14 @@ def rollout(
     mode: str = typer.Option("user_config", "--mode", help="user_config: hot swap (reconfigure, same replicas); "
                              "redeploy: write the URI into --config and deploy it (rolling update)."),
     config: Optional[str] = typer.Option(None, "--config", help="Serve config file (serve deploy format), with --mode redeploy."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="native | onnx | torchscript (default: the app's)."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max abs error allowed when validating a conversion."),
-    deployment: Optional[str] = typer.Option(None, "--deployment", help="The deployment to switch (default: every one with a model_uri)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: RAY_ADDRESS or auto."),
+    format: AppFormat = None,
+    tolerance: Tolerance = None,
+    deployment: Deployment = None,
+    address: Address = None,
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds for every replica to report the new version."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Load the model once on a node before switching."),
     rollback: bool = typer.Option(True, "--rollback/--no-rollback", help="Put the previous config back if the switch is not confirmed."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    as_json: AsJson = False,
 ) -> None:
     """Warm a model version on every node, validate it, then switch a Serve app to it and confirm every replica.
 
@@ -403,10 +415,10 @@ def watch(
     interval: float = typer.Option(10.0, "--interval", help="Seconds between registry polls."),
     mode: str = typer.Option("user_config", "--mode", help="user_config (hot swap) or redeploy (with --config)."),
     config: Optional[str] = typer.Option(None, "--config", help="Serve config file, with --mode redeploy."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="native | onnx | torchscript (default: the app's)."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Max abs error allowed when validating a conversion."),
-    deployment: Optional[str] = typer.Option(None, "--deployment", help="The deployment to switch (default: every one with a model_uri)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: RAY_ADDRESS or auto."),
+    format: AppFormat = None,
+    tolerance: Tolerance = None,
+    deployment: Deployment = None,
+    address: Address = None,
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds for each rollout's confirmation."),
     once_moved: bool = typer.Option(False, "--once-moved", help="Act only when the URI moves after the watch "
                                     "started (default: also bring an app that serves another version in line)."),
