@@ -507,13 +507,15 @@ def rollout(
     """Warm a model version on every node, validate it, then switch a Serve app to it and confirm every replica.
 
     Nothing in the running app changes unless the warm and the validation passed on every node."""
-    from . import rollout as ro
+    from serving.control.rollout import rollout as roll_out
+
+    from .render import serve_event_line
 
     options = {"tolerance": tolerance} if tolerance is not None else None
     try:
-        report = ro.rollout(app_name, model_uri, mode=mode, config_path=config, format=format, convert_options=options,
-                            deployment=deployment, address=address, timeout=timeout, validate=validate,
-                            rollback=rollback, on_event=_printer(as_json, ro.describe_event))
+        report = roll_out(app_name, model_uri, mode=mode, config_path=config, format=format, convert_options=options,
+                          deployment=deployment, address=address, timeout=timeout, validate=validate,
+                          rollback=rollback, on_event=_printer(as_json, serve_event_line))
     except PrefetchError as e:
         raise _rollout_fail(e, as_json)
     if as_json:
@@ -546,7 +548,11 @@ def watch(
     import signal
     import threading
 
-    from . import watch as w
+    from functools import partial
+
+    from serving.control.watch import watch as follow
+
+    from .render import serve_event_line
 
     stop = threading.Event()
 
@@ -559,10 +565,10 @@ def watch(
         signal.signal(sig, on_signal)
     options = {"tolerance": tolerance} if tolerance is not None else None
     try:
-        summary = w.watch(uri, app_name, interval=interval, mode=mode, config_path=config, format=format,
-                          convert_options=options, deployment=deployment, address=address, timeout=timeout,
-                          once_moved=once_moved, max_rollouts=max_rollouts, duration=duration, stop=stop,
-                          on_event=_printer(as_json, w.describe_event))
+        summary = follow(uri, app_name, interval=interval, mode=mode, config_path=config, format=format,
+                         convert_options=options, deployment=deployment, address=address, timeout=timeout,
+                         once_moved=once_moved, max_rollouts=max_rollouts, duration=duration, stop=stop,
+                         on_event=_printer(as_json, partial(serve_event_line, timestamped=True)))
     except PrefetchError as e:
         raise _fail(e)
     if as_json:
@@ -575,7 +581,9 @@ def watch(
 
 def _app_status(app_name: str, address: Optional[str], as_json: bool) -> None:
     """`prefetch status --app APP`: the version each replica of a Serve app serves."""
-    from .serve_app import app_status, render_app_status
+    from serving.control.apps import app_status
+
+    from .render import render_app_status
 
     try:
         doc = app_status(app_name, address)

@@ -5,6 +5,7 @@ replica serves. Each RegistryModel replica therefore publishes its status into R
 wide) under its replica id, and `replica_status(app)` reads them back, keeping only replicas whose actor is
 still alive. The same KV holds each deployment's last good model, which a replica that starts while the
 deployment's `user_config` points at a broken version falls back to (DESIGN.md "Traps").
+The KV calls themselves (a private Ray API) are in serving.control.compat.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import logging
 import os
 import time
 from typing import Any
+
+from . import compat
 
 logger = logging.getLogger(__name__)
 
@@ -44,56 +47,41 @@ def replica_identity() -> dict[str, Any]:
     return out
 
 
-def _kv():
-    import ray
-    from ray.experimental import internal_kv
-
-    if not ray.is_initialized() or not internal_kv._internal_kv_initialized():
-        return None
-    return internal_kv
-
-
 def publish(identity: dict, status: dict) -> None:
     """Best effort: a replica that cannot publish keeps serving (its status is also on GET /-/model)."""
-    kv = _kv() if identity else None
-    if kv is None:
+    if not identity or not compat.kv_ready():
         return
     key = f"{_STATUS}{identity['app']}/{identity['deployment']}/{identity['replica']}"
     try:
-        kv._internal_kv_put(key, json.dumps({**status, "published_at": time.time()}, default=str),
-                            overwrite=True, namespace=NAMESPACE)
+        compat.kv_put(key, json.dumps({**status, "published_at": time.time()}, default=str), NAMESPACE)
     except Exception as e:
         logger.warning("could not publish replica status: %s", e)
 
 
 def unpublish(identity: dict) -> None:
-    kv = _kv() if identity else None
-    if kv is None:
+    if not identity or not compat.kv_ready():
         return
     try:
-        kv._internal_kv_del(f"{_STATUS}{identity['app']}/{identity['deployment']}/{identity['replica']}",
-                            namespace=NAMESPACE)
+        compat.kv_del(f"{_STATUS}{identity['app']}/{identity['deployment']}/{identity['replica']}", NAMESPACE)
     except Exception:
         pass
 
 
 def remember_last_good(identity: dict, config: dict) -> None:
-    kv = _kv() if identity else None
-    if kv is None:
+    if not identity or not compat.kv_ready():
         return
     try:
-        kv._internal_kv_put(_last_good_key(identity), json.dumps(config), overwrite=True, namespace=NAMESPACE)
+        compat.kv_put(_last_good_key(identity), json.dumps(config), NAMESPACE)
     except Exception as e:
         logger.warning("could not record the last good model: %s", e)
 
 
 def last_good(identity: dict) -> dict | None:
     """The config of the last model a replica of this deployment (same code version) served successfully."""
-    kv = _kv() if identity else None
-    if kv is None:
+    if not identity or not compat.kv_ready():
         return None
     try:
-        raw = kv._internal_kv_get(_last_good_key(identity), namespace=NAMESPACE)
+        raw = compat.kv_get(_last_good_key(identity), NAMESPACE)
     except Exception:
         return None
     return json.loads(raw) if raw else None
@@ -109,23 +97,22 @@ def replica_status(app: str, deployment: str | None = None) -> list[dict]:
     """Status of every live RegistryModel replica of `app` (needs a connected Ray driver):
     [{app, deployment, replica, node_id, model, version, key, uri, format, error, ...}], sorted by replica."""
     import ray
-    from ray.experimental import internal_kv
 
     if not ray.is_initialized():
         raise RuntimeError("replica_status needs a connected Ray driver (ray.init(address=...))")
     prefix = f"{_STATUS}{app}/" + (f"{deployment}/" if deployment else "")
-    keys = internal_kv._internal_kv_list(prefix, namespace=NAMESPACE)
+    keys = compat.kv_list(prefix, NAMESPACE)
     live = _live_replica_actors()
     rows = []
     for key in keys:
         key = key.decode() if isinstance(key, bytes) else key
-        raw = internal_kv._internal_kv_get(key, namespace=NAMESPACE)
+        raw = compat.kv_get(key, NAMESPACE)
         if not raw:
             continue
         row = json.loads(raw)
         if live is not None and row.get("replica_actor") not in live:
             # A replica that died without unpublishing: drop its record.
-            internal_kv._internal_kv_del(key, namespace=NAMESPACE)
+            compat.kv_del(key, NAMESPACE)
             continue
         rows.append(row)
     return sorted(rows, key=lambda r: (r.get("deployment") or "", r.get("replica") or ""))

@@ -16,14 +16,17 @@ The steps, in order; everything before "switch" leaves the running app exactly a
    into the Serve config file (where the file keeps it: app `args` and/or deployments' `user_config`), and that
    app's config deployed (new args = a new code version = Serve's rolling update: new replicas, then old ones
    drained);
-6. confirm: every replica of those deployments reports the pinned version (serving.replicas.replica_status)
+6. confirm: every replica of those deployments reports the pinned version (serving.control.replicas)
    within the timeout. A replica that reports the swap failed, or an app that goes DEPLOY_FAILED, or the
    timeout, puts the previous config back (and the file's previous text) unless rollback=False.
 
-How the switch reaches Serve (prefetch/serve_app.py): the Serve controller's declarative API, re-applying every
-declarative app's current config with only this app changed; refused if that set changed while we were warming.
-Apps started with `serve.run` (imperative) keep no config to re-apply (or to roll back to): refused. The config
-file edit (mode redeploy) is prefetch/serve_config.py.
+How the switch reaches Serve (serving/control/apps.py): Serve's declarative API, re-applying every declarative
+app's current config with only this app changed; refused if that set changed while we were warming. Apps started
+with `serve.run` (imperative) keep no config to re-apply (or to roll back to): refused. The config file edit
+(mode redeploy) is serving/control/config_file.py. Event lines for humans are drawn by prefetch.render.
+
+`rollout()` composes the steps: check_args, plan (1-2), warm_and_validate (3-4), switch (5), confirm (6),
+roll_back; each step takes the Plan the earlier ones filled in.
 
 Ray and Serve are imported inside functions only (the CLI imports this module lazily anyway).
 """
@@ -34,12 +37,14 @@ import dataclasses
 import os
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
-from .errors import BadURI, PrefetchError, Unreachable
-from .formats import FORMATS
-from .serve_app import _brief, _value, apply_configs, declarative_configs, inspect_app, replica_rows, serve_details
-from .serve_config import ConfigFile
+from prefetch.errors import BadURI, PrefetchError, Unreachable, one_line
+from prefetch.formats import FORMATS
+
+from .apps import (AppView, apply_configs, declarative_configs, enum_value, inspect_app, replica_rows,
+                   replica_summary, serve_details)
+from .config_file import ConfigFile
 
 MODES = ("user_config", "redeploy")
 DEFAULT_TIMEOUT_S = 300.0
@@ -79,7 +84,7 @@ class Target:
         return f"{self.name} v{self.version}" if self.version else self.pinned
 
     def served_by(self, row: dict, keys: Iterable[str] = ()) -> bool:
-        """Does this replica status row (serving.replicas) serve this target?"""
+        """Does this replica status row (serving.control.replicas) serve this target?"""
         if (row.get("format") or "native") != self.format:
             return False
         if self.version is not None:
@@ -99,8 +104,8 @@ def pinned_uri(resolved) -> str:
 
 def resolve_target(uri: str, format: str = "native", convert_options: dict | None = None):
     """(Target, Resolved): ask the registry now (no cached ref), refuse a stale offline answer."""
-    from .config import Settings
-    from .uri import resolve
+    from prefetch.config import Settings
+    from prefetch.uri import resolve
 
     r = resolve(uri, Settings.load(ref_ttl=0.0))
     if r.offline:
@@ -112,7 +117,7 @@ def resolve_target(uri: str, format: str = "native", convert_options: dict | Non
 # -- 3. warm everywhere -------------------------------------------------------------------------------------------
 def warm_everywhere(target: Target, address: str | None, emit: Event) -> dict:
     """warm_cluster for the pinned URI, with per-node progress events while it runs; raises on any failed row."""
-    from .cluster import warm_cluster
+    from prefetch.cluster import warm_cluster
 
     result: dict = {}
 
@@ -151,8 +156,8 @@ def _warm_progress(uri: str) -> list[dict]:
     """Bytes done per node for the warms of `uri` in flight now (from each agent's status); [] if unknown."""
     import ray
 
-    from .agent import get_agent
-    from .cluster import alive_nodes
+    from prefetch.agent import get_agent
+    from prefetch.cluster import alive_nodes
 
     try:
         pending = {}
@@ -205,7 +210,7 @@ def finish_validation(ref, target: Target, timeout: float) -> dict:
         raise RolloutError(f"validation: loading the model took over {timeout:.0f}s", target.pinned,
                            stage="validate") from None
     except Exception as e:  # noqa: BLE001 - the task's worker died (OOM, a crash in native code)
-        raise RolloutError(f"validation: the load check died: {type(e).__name__}: {_first_line(e)}", target.pinned,
+        raise RolloutError(f"validation: the load check died: {one_line(e, typed=True)}", target.pinned,
                            stage="validate") from None
     if not doc.get("ok"):
         raise RolloutError(f"validation: the model does not load: {_without_uri(doc['error'], target.pinned)}",
@@ -221,8 +226,7 @@ def _load_check(uri: str, format: str, convert_options: dict | None) -> dict:
 
         model = load_model(uri, format, convert_options=convert_options, lease=False)
     except Exception as e:  # noqa: BLE001
-        text = str(e) if isinstance(e, PrefetchError) else f"{type(e).__name__}: {_first_line(e)}"
-        return {"ok": False, "error": text.splitlines()[0] if text else type(e).__name__,
+        return {"ok": False, "error": one_line(e, limit=1000, typed=True),
                 "exit_code": getattr(e, "exit_code", 5) if isinstance(e, PrefetchError) else 5}
     info = model.info()
     return {"ok": True} | {k: info.get(k) for k in ("name", "version", "key", "format", "path", "from_cache",
@@ -232,11 +236,6 @@ def _load_check(uri: str, format: str, convert_options: dict | None) -> dict:
 def _without_uri(message: str, uri: str) -> str:
     """A row's error names its URI first; our own line already does."""
     return message[len(uri) + 2:] if message.startswith(f"{uri}: ") else message
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # -- 6. confirm ---------------------------------------------------------------------------------------------------
@@ -252,9 +251,9 @@ def confirm(app: str, deployments: list[str], target: Target, keys: Iterable[str
         doc = (details.get("applications") or {}).get(app)
         if doc is None:
             raise RolloutError(f"application '{app}' disappeared during the rollout", stage="confirm")
-        status = _value(doc.get("status"))
+        status = enum_value(doc.get("status"))
         if status == "DEPLOY_FAILED":
-            raise RolloutError(f"Serve failed to deploy '{app}': {_first_line(Exception(doc.get('message') or '?'))}",
+            raise RolloutError(f"Serve failed to deploy '{app}': {one_line(Exception(doc.get('message') or '?'))}",
                                stage="confirm")
         rows = replica_rows(app, deployments)
         wanted = sum(int((doc["deployments"].get(d) or {}).get("target_num_replicas") or 0) for d in deployments)
@@ -292,30 +291,57 @@ def _settle(app: str, deployments: list[str], target: Target, timeout: float) ->
     return False
 
 
-# -- the whole thing ----------------------------------------------------------------------------------------------
-def rollout(app: str, model_uri: str, *, mode: str = "user_config", config_path: str | os.PathLike | None = None,
-            format: str | None = None, convert_options: dict | None = None, deployment: str | None = None,
-            address: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, validate: bool = True,
-            rollback: bool = True, on_event: Event | None = None) -> dict:
-    """Warm `model_uri` on every node, validate it, then switch `app` to it and confirm every replica serves it.
+# -- the whole thing, step by step --------------------------------------------------------------------------------
+class _Stopwatch:
+    """Seconds per stage, for the report."""
 
-    Returns the report: ok, app, mode, target (asked/pinned/name/version/format), previous (what replicas
-    served), warm (warm_cluster's report), validated, switched, changed, replicas (rows after), seconds per
-    stage, note. Raises a PrefetchError (exit code of its kind: 2 usage, 3 not found, 4 unreachable, 5 warm
-    integrity / conversion / load, 6 no space) when it did not switch, or RolloutError after a rollback.
-    """
-    from .uri import parse
+    def __init__(self) -> None:
+        self.started = self.last = time.monotonic()
+        self.seconds: dict[str, float] = {}
 
-    emit = on_event or _no_event
-    started = time.monotonic()
-    seconds: dict[str, float] = {}
+    def untimed(self) -> None:
+        """What ran since the last lap counts in the total only (the arguments' checks)."""
+        self.last = time.monotonic()
 
-    def lap(stage: str, since: float) -> float:
+    def lap(self, stage: str) -> None:
         now = time.monotonic()
-        seconds[stage] = round(now - since, 3)
-        return now
+        self.seconds[stage] = round(now - self.last, 3)
+        self.last = now
 
-    # -- checks that need nothing but the arguments
+    def total(self) -> None:
+        self.seconds["total"] = round(time.monotonic() - self.started, 3)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the rollout knows once it has looked (steps 1-2); the later steps read it and add to its report."""
+
+    app: str
+    mode: str
+    target: Target                  # pinned, with the format and convert options the switch writes
+    view: AppView
+    details: dict                   # Serve's details at inspection: the declarative set the switch re-applies
+    file: ConfigFile | None         # mode redeploy: the Serve config file
+    values: dict                    # what the switch writes: model_uri, and format / convert_options when asked
+    before: list[dict]              # replica status rows before the switch
+    report: dict
+
+
+@dataclasses.dataclass
+class Switched:
+    """What roll_back needs to undo a switch."""
+
+    configs: dict[str, dict]        # the declarative set as it was
+    target_capacity: float | None
+    new_text: str | None            # mode redeploy: the config file as written (its old text is plan.file.text)
+    at: float                       # wall clock of the switch: replica errors from before it are not ours
+
+
+def check_args(app: str, model_uri: str, mode: str, config_path: str | os.PathLike | None, format: str | None,
+               timeout: float) -> ConfigFile | None:
+    """Checks that need nothing but the arguments; the Serve config file for mode redeploy."""
+    from prefetch.uri import parse
+
     if mode not in MODES:
         raise BadURI(f"unknown --mode '{mode}' (user_config or redeploy)")
     if format is not None and format not in FORMATS:
@@ -323,24 +349,18 @@ def rollout(app: str, model_uri: str, *, mode: str = "user_config", config_path:
     if not timeout > 0:
         raise BadURI(f"--timeout must be a positive number of seconds, not {timeout:g}")
     parse(model_uri)
-    file = None
     if mode == "redeploy":
         if config_path is None:
             raise BadURI("--mode redeploy needs --config <serve config file>")
-        file = ConfigFile.load(config_path, app)
-    elif config_path is not None:
+        return ConfigFile.load(config_path, app)
+    if config_path is not None:
         raise BadURI("--config goes with --mode redeploy (mode user_config updates the running app's config)")
+    return None
 
-    # -- 1. resolve and pin
-    t = time.monotonic()
-    emit("resolving", {"uri": model_uri})
-    target, resolved = resolve_target(model_uri, "native", convert_options)
-    t = lap("resolve", t)
-    emit("resolved", {"uri": model_uri, "pinned": target.pinned, "name": target.name, "version": target.version,
-                      "note": resolved.note})
 
-    # -- 2. the app
-    from .cluster import connect
+def _look(app: str, deployment: str | None, address: str | None) -> tuple[dict, AppView, list[dict]]:
+    """(Serve's details, the app, its replicas' status rows), or why it cannot be rolled out."""
+    from prefetch.cluster import connect
 
     connect(address)
     details = serve_details()
@@ -355,162 +375,176 @@ def rollout(app: str, model_uri: str, *, mode: str = "user_config", config_path:
     if missing:
         raise BadURI(f"the replicas of {app}#{missing[0]} publish no model status, so the switch could not be "
                      "confirmed: is it a serving.RegistryModel deployment?")
+    return details, view, before
+
+
+def plan(app: str, model_uri: str, *, mode: str, file: ConfigFile | None, format: str | None,
+         convert_options: dict | None, deployment: str | None, address: str | None, clock: _Stopwatch,
+         emit: Event) -> Plan:
+    """Steps 1-2: resolve and pin the URI, look at the app, settle the format (asked, else the app's)."""
+    emit("resolving", {"uri": model_uri})
+    target, resolved = resolve_target(model_uri, "native", convert_options)
+    clock.lap("resolve")
+    emit("resolved", {"uri": model_uri, "pinned": target.pinned, "name": target.name, "version": target.version,
+                      "note": resolved.note})
+    details, view, before = _look(app, deployment, address)
     live = view.user_config(view.targets[0])
     current = file.model_settings() if file is not None else live
     fmt = format or current.get("format") or live.get("format") or "native"
     options = {**(current.get("convert_options") or {}), **(convert_options or {})}
     target = dataclasses.replace(target, format=fmt, convert_options=options)
+    values = {"model_uri": target.pinned}
+    if format is not None or "format" in current:
+        values["format"] = fmt
+    if convert_options:
+        values["convert_options"] = options
     report: dict[str, Any] = {
         "ok": False, "app": app, "mode": mode, "target": target.to_dict(), "deployments": view.targets,
         "previous": {"user_config": {d: view.user_config(d) for d in view.targets},
-                     "replicas": [_brief(r) for r in before]},
-        "switched": False, "changed": False, "seconds": seconds}
+                     "replicas": [replica_summary(r) for r in before]},
+        "switched": False, "changed": False, "seconds": clock.seconds}
     if file is not None:
         report["config_file"] = str(file.path)
     emit("app", {"app": app, "status": view.status, "deployments": view.targets,
-                 "replicas": [_brief(r) for r in before], "format": fmt})
+                 "replicas": [replica_summary(r) for r in before], "format": fmt})
+    return Plan(app, mode, target, view, details, file, values, before, report)
 
-    already = (before and all(target.served_by(r) for r in before)
-               and all(view.user_config(d).get("model_uri") == target.pinned for d in view.targets)
-               and (file is None or file.model_settings().get("model_uri") == target.pinned))
-    if already:
-        seconds["total"] = round(time.monotonic() - started, 3)
-        emit("unchanged", {"label": target.label()})
-        return report | {"ok": True, "replicas": [_brief(r) for r in before], "note": "already serving it"}
-    t = lap("inspect", t)
 
-    # -- 3. warm on every node, and 4. validate (a conversion is validated on every node by the warm itself)
-    from .cluster import alive_nodes
+def already_serving(p: Plan) -> bool:
+    """Every replica, every deployment's user_config (and the file, in mode redeploy) on the pinned target."""
+    return bool(p.before and all(p.target.served_by(r) for r in p.before)
+                and all(p.view.user_config(d).get("model_uri") == p.target.pinned for d in p.view.targets)
+                and (p.file is None or p.file.model_settings().get("model_uri") == p.target.pinned))
+
+
+def warm_and_validate(p: Plan, address: str | None, validate: bool, timeout: float, clock: _Stopwatch,
+                      emit: Event) -> set[str]:
+    """Steps 3-4: warm on every node (a conversion is validated on every node by the warm itself) while one
+    task loads the model from a node's cache. Returns the cache keys the warm reported."""
+    from prefetch.cluster import alive_nodes
 
     check = None
     if validate:
         nodes = alive_nodes()
-        check = start_validation(target, nodes[0].node_id if nodes else None, view.runtime_env(view.targets[0]))
+        check = start_validation(p.target, nodes[0].node_id if nodes else None,
+                                 p.view.runtime_env(p.view.targets[0]))
     try:
-        emit("warming", {"uri": target.pinned, "format": fmt})
-        warm = warm_everywhere(target, address, emit)
-        report["warm"] = warm
-        t = lap("warm", t)
+        emit("warming", {"uri": p.target.pinned, "format": p.target.format})
+        warm = warm_everywhere(p.target, address, emit)
+        p.report["warm"] = warm
+        clock.lap("warm")
         emit("warmed", {"report": warm})
         if check is not None:
-            report["validated"] = finish_validation(check, target, timeout)
-            t = lap("validate", t)
-            emit("validated", report["validated"])
+            p.report["validated"] = finish_validation(check, p.target, timeout)
+            clock.lap("validate")
+            emit("validated", p.report["validated"])
     except RolloutError as e:
         # A validation task still running is left to finish on its own (num_cpus=0, it ends with its warm):
         # cancelling a task that may be completing at that instant has crashed Ray's core worker here.
-        e.report = report | e.report
+        e.report = p.report | e.report
         raise
-    keys = {r.get("key") for r in warm["rows"] if r.get("key")}
+    return {r.get("key") for r in warm["rows"] if r.get("key")}
 
-    # -- 5. switch
-    details_now = serve_details()
-    configs = declarative_configs(details)
-    if declarative_configs(details_now) != configs:
-        raise RolloutError("the Serve config changed while the model was warming (someone else deployed); "
-                           "nothing was switched: run the rollout again", stage="switch", report=report)
-    target_capacity = details_now.get("target_capacity")
-    new_values = {"model_uri": target.pinned}
-    if format is not None or "format" in current:
-        new_values["format"] = fmt
-    if convert_options:
-        new_values["convert_options"] = options
-    new_text = None
-    if mode == "user_config":
-        new_app = copy.deepcopy(configs[app])
+
+def _new_app_config(p: Plan, configs: dict[str, dict]) -> tuple[dict, str | None]:
+    """(the app's new declarative config, the config file's new text in mode redeploy)."""
+    if p.mode == "user_config":
+        new_app = copy.deepcopy(configs[p.app])
         overrides = new_app.setdefault("deployments", [])
-        for d in view.targets:
+        for d in p.view.targets:
             entry = next((o for o in overrides if o.get("name") == d), None)
             if entry is None:
                 entry = {"name": d}
                 overrides.append(entry)
-            entry["user_config"] = {**view.user_config(d), **new_values}
-    else:
-        new_text, new_doc, note = file.with_model(new_values)
-        new_app = new_doc["applications"][file.index]
-        if ("args",) not in file.places:
-            # Only user_config changes: Serve keeps the code version and reconfigures the running replicas.
-            note = "; ".join(filter(None, [note, f"{file.path.name} keeps the model URI in user_config only, so "
-                                           "Serve applies it as a hot swap (reconfigure), not a rolling update"]))
-        if note:
-            report["note"] = note
-    report["switch"] = "rolling update" if mode == "redeploy" and ("args",) in file.places else "reconfigure"
-    new_configs = [new_app if name == app else c for name, c in configs.items()]
-    switched_at = time.time()
-    emit("switching", {"mode": mode, "uri": target.pinned})
+            entry["user_config"] = {**p.view.user_config(d), **p.values}
+        return new_app, None
+    new_text, new_doc, note = p.file.with_model(p.values)
+    if ("args",) not in p.file.places:
+        # Only user_config changes: Serve keeps the code version and reconfigures the running replicas.
+        note = "; ".join(filter(None, [note, f"{p.file.path.name} keeps the model URI in user_config only, so "
+                                       "Serve applies it as a hot swap (reconfigure), not a rolling update"]))
+    if note:
+        p.report["note"] = note
+    return new_doc["applications"][p.file.index], new_text
+
+
+def switch(p: Plan, emit: Event) -> Switched:
+    """Step 5: re-apply the declarative set with this app on the target (and write the file, in mode redeploy),
+    unless someone deployed while we were warming. Serve refusing it puts the file back."""
+    details_now = serve_details()
+    configs = declarative_configs(p.details)
+    if declarative_configs(details_now) != configs:
+        raise RolloutError("the Serve config changed while the model was warming (someone else deployed); "
+                           "nothing was switched: run the rollout again", stage="switch", report=p.report)
+    new_app, new_text = _new_app_config(p, configs)
+    rolling = p.mode == "redeploy" and ("args",) in p.file.places
+    p.report["switch"] = "rolling update" if rolling else "reconfigure"
+    done = Switched(configs, details_now.get("target_capacity"), new_text, time.time())
+    emit("switching", {"mode": p.mode, "uri": p.target.pinned})
     if new_text is not None:
-        file.write(new_text)
+        p.file.write(new_text)
     try:
-        apply_configs(new_configs, target_capacity)
+        apply_configs([new_app if name == p.app else c for name, c in configs.items()], done.target_capacity)
     except Exception as e:
         if new_text is not None:
-            file.write(file.text)
-        raise RolloutError(f"Serve refused the new config: {_first_line(e)}", target.pinned, stage="switch",
-                           report=report) from None
-    report |= {"switched": True, "changed": True}
-    t = lap("switch", t)
+            p.file.write(p.file.text)
+        raise RolloutError(f"Serve refused the new config: {one_line(e)}", p.target.pinned, stage="switch",
+                           report=p.report) from None
+    p.report |= {"switched": True, "changed": True}
+    return done
 
-    # -- 6. confirm
+
+def roll_back(p: Plan, done: Switched, timeout: float) -> None:
+    """Put the previous config (and the file's previous text) back, then wait (bounded) for the replicas to
+    settle; the outcome goes into the report, never raises."""
     try:
-        rows = confirm(app, view.targets, target, keys, switched_at, timeout, emit)
+        if done.new_text is not None:
+            p.file.write(p.file.text)
+        apply_configs(list(done.configs.values()), done.target_capacity)
+        p.report["rolled_back"] = True
+        p.report["rollback_settled"] = _settle(p.app, p.view.targets, p.target, min(timeout, 60.0))
+    except Exception as e:  # noqa: BLE001
+        p.report["rollback_error"] = one_line(e, typed=True)
+
+
+def rollout(app: str, model_uri: str, *, mode: str = "user_config", config_path: str | os.PathLike | None = None,
+            format: str | None = None, convert_options: dict | None = None, deployment: str | None = None,
+            address: str | None = None, timeout: float = DEFAULT_TIMEOUT_S, validate: bool = True,
+            rollback: bool = True, on_event: Event | None = None) -> dict:
+    """Warm `model_uri` on every node, validate it, then switch `app` to it and confirm every replica serves it.
+
+    Returns the report: ok, app, mode, target (asked/pinned/name/version/format), previous (what replicas
+    served), warm (warm_cluster's report), validated, switched, changed, replicas (rows after), seconds per
+    stage, note. Raises a PrefetchError (exit code of its kind: 2 usage, 3 not found, 4 unreachable, 5 warm
+    integrity / conversion / load, 6 no space) when it did not switch, or RolloutError after a rollback.
+    """
+    emit = on_event or _no_event
+    clock = _Stopwatch()
+    file = check_args(app, model_uri, mode, config_path, format, timeout)
+    clock.untimed()
+    p = plan(app, model_uri, mode=mode, file=file, format=format, convert_options=convert_options,
+             deployment=deployment, address=address, clock=clock, emit=emit)
+    if already_serving(p):
+        clock.total()
+        emit("unchanged", {"label": p.target.label()})
+        return p.report | {"ok": True, "replicas": [replica_summary(r) for r in p.before],
+                           "note": "already serving it"}
+    clock.lap("inspect")
+    keys = warm_and_validate(p, address, validate, timeout, clock, emit)
+    done = switch(p, emit)
+    clock.lap("switch")
+    try:
+        rows = confirm(app, p.view.targets, p.target, keys, done.at, timeout, emit)
     except RolloutError as e:
-        lap("confirm", t)
+        clock.lap("confirm")
         if rollback:
             emit("rolling-back", {"reason": str(e)})
-            try:
-                if new_text is not None:
-                    file.write(file.text)
-                apply_configs(list(configs.values()), target_capacity)
-                report["rolled_back"] = True
-                report["rollback_settled"] = _settle(app, view.targets, target, min(timeout, 60.0))
-            except Exception as e2:  # noqa: BLE001
-                report["rollback_error"] = f"{type(e2).__name__}: {_first_line(e2)}"
-        e.report = report | {"error": str(e)}
-        e.args = (f"{e}{'; rolled back to the previous config' if report.get('rolled_back') else ''}",)
+            roll_back(p, done, timeout)
+        e.report = p.report | {"error": str(e)}
+        e.args = (f"{e}{'; rolled back to the previous config' if p.report.get('rolled_back') else ''}",)
         raise
-    lap("confirm", t)
-    seconds["total"] = round(time.monotonic() - started, 3)
-    report |= {"ok": True, "replicas": [_brief(r) for r in rows]}
-    emit("done", {"label": target.label(), "replicas": len(rows), "seconds": seconds["total"]})
-    return report
-
-
-def describe_event(kind: str, f: dict) -> Optional[str]:
-    """One human line per rollout event (None: nothing worth a line)."""
-    if kind == "resolved":
-        who = f" ({f['name']} v{f['version']})" if f.get("version") else ""
-        return f"resolved {f['uri']} -> {f['pinned']}{who}" + (f"  [{f['note']}]" if f.get("note") else "")
-    if kind == "app":
-        served = sorted({f"v{r['version']}" if r.get("version") else str(r.get("uri")) for r in f["replicas"]})
-        return (f"app {f['app']} ({f['status']}): deployments {', '.join(f['deployments'])}, "
-                f"{len(f['replicas'])} replicas on {', '.join(served) or '-'}")
-    if kind == "unchanged":
-        return f"every replica already serves {f['label']}: nothing to do"
-    if kind == "warming":
-        return f"warming {f['uri']} ({f['format']}) on every node..."
-    if kind == "warm-progress":
-        parts = [f"{n['node_ip'] or n['node_id'][:8]} {_pct(n)}" for n in f["nodes"]]
-        return "  " + ", ".join(parts)
-    if kind == "warmed":
-        r = f["report"]
-        hits = sum(1 for row in r["rows"] if row.get("hit"))
-        return (f"warm: {len(r['rows'])}/{r['nodes']} nodes ok in {r['seconds']:.1f}s "
-                f"({hits} already cached, {r['origin_bytes']} origin bytes)")
-    if kind == "validated":
-        return f"validated: loads from the cache on a node in {f.get('load_seconds') or 0:.2f}s"
-    if kind == "switching":
-        how = "user_config (hot swap via reconfigure)" if f["mode"] == "user_config" else "redeploy (rolling update)"
-        return f"switching to {f['uri']}: {how}"
-    if kind == "confirm-progress":
-        return f"  {f['on_new']}/{f['replicas']} replicas on the new version (want {f['wanted']}; app {f['app_status']})"
-    if kind == "rolling-back":
-        return f"rolling back: {f['reason']}"
-    if kind == "done":
-        return f"done: {f['replicas']} replicas serve {f['label']} ({f['seconds']:.1f}s in all)"
-    return None
-
-
-def _pct(n: dict) -> str:
-    if n.get("bytes"):
-        return f"{100 * n['done'] / n['bytes']:.0f}%"
-    return f"{n.get('done') or 0} B"
+    clock.lap("confirm")
+    clock.total()
+    p.report |= {"ok": True, "replicas": [replica_summary(r) for r in rows]}
+    emit("done", {"label": p.target.label(), "replicas": len(rows), "seconds": p.report["seconds"]["total"]})
+    return p.report

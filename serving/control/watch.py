@@ -2,13 +2,14 @@
 
 Every `interval` seconds the registry is asked where the URI points now (ref TTL 0: one registry call, no
 bytes). When that version differs from what the app's replicas serve (or, with once_moved, from where the URI
-pointed when the watch started), the watch runs `prefetch.rollout.rollout` with the URI as asked, which pins
+pointed when the watch started), the watch runs `serving.control.rollout.rollout` with the URI as asked, which pins
 the version it resolves: every replica gets the same bytes even if the alias moves again meanwhile.
 
 Nothing stops the loop but the caller: a registry outage (the registry cannot be reached, or answers with an
 error), a Serve or Ray hiccup, and a failed rollout are logged as events and retried at the next poll (a version
 whose rollout failed is retried with a growing back-off, so a version that cannot be served does not rebuild
 the cache every interval). The caller stops it with `stop` (an Event), `max_rollouts` or `duration`.
+Event lines for humans are drawn by prefetch.render (the same function as the rollout's).
 """
 from __future__ import annotations
 
@@ -16,16 +17,17 @@ import threading
 import time
 from typing import Any
 
-from .errors import BadURI
-from .rollout import DEFAULT_TIMEOUT_S, MODES, Event, _first_line, _no_event, rollout
-from .serve_app import _brief, inspect_app, replica_rows
+from prefetch.errors import BadURI, one_line
+
+from .apps import inspect_app, replica_rows, replica_summary
+from .rollout import DEFAULT_TIMEOUT_S, MODES, Event, _no_event, rollout
 
 RETRY_BACKOFF_MAX_S = 600.0
 
 
 def check_watchable(uri: str) -> None:
     """A registry URI that can move: models:/<name>@<alias>, models:/<name>/latest or models:/<name>/<stage>."""
-    from .uri import parse
+    from prefetch.uri import parse
 
     target = parse(uri)
     if target.kind not in ("model_alias", "model_latest", "model_stage"):
@@ -35,8 +37,8 @@ def check_watchable(uri: str) -> None:
 
 def current_version(uri: str) -> dict:
     """Where the URI points now: one registry call, no cached ref, nothing written. Raises on an outage."""
-    from .registry import model_version
-    from .uri import parse
+    from prefetch.registry import model_version
+    from prefetch.uri import parse
 
     target = parse(uri)
     mv = model_version(uri, target.name, stage=target.stage, alias=target.alias)
@@ -53,7 +55,7 @@ def watch(uri: str, app: str, *, interval: float = 10.0, mode: str = "user_confi
     Returns a summary when stopped: {polls, errors, rollouts: [reports], failures: [...], moves: [...],
     last_version, stopped_by}. Raises only for bad arguments or an app that does not exist at start.
     """
-    from .cluster import connect
+    from prefetch.cluster import connect
 
     check_watchable(uri)
     if mode not in MODES:
@@ -89,7 +91,7 @@ def watch(uri: str, app: str, *, interval: float = 10.0, mode: str = "user_confi
             now = current_version(uri)
         except Exception as e:  # noqa: BLE001 - an outage: log, wait, ask again
             summary["errors"] += 1
-            emit("registry-error", {"uri": uri, "error": _first_line(e), "retry_in": interval})
+            emit("registry-error", {"uri": uri, "error": one_line(e), "retry_in": interval})
             stop.wait(interval)
             continue
         version = now["version"]
@@ -104,7 +106,7 @@ def watch(uri: str, app: str, *, interval: float = 10.0, mode: str = "user_confi
             rows = replica_rows(app, view.targets)
         except Exception as e:  # noqa: BLE001 - Ray/Serve hiccup: same treatment as an outage
             summary["errors"] += 1
-            emit("serve-error", {"app": app, "error": _first_line(e), "retry_in": interval})
+            emit("serve-error", {"app": app, "error": one_line(e), "retry_in": interval})
             stop.wait(interval)
             continue
         served = sorted({f"v{r.get('version')}" if r.get("name") == now["name"] else f"{r.get('name')} v{r.get('version')}"
@@ -133,7 +135,7 @@ def watch(uri: str, app: str, *, interval: float = 10.0, mode: str = "user_confi
             count += 1
             backoff = min(RETRY_BACKOFF_MAX_S, interval * (2 ** count))
             failed[version] = (count, time.monotonic() + backoff)
-            fail = {"version": version, "error": _first_line(e), "exit_code": getattr(e, "exit_code", 1),
+            fail = {"version": version, "error": one_line(e), "exit_code": getattr(e, "exit_code", 1),
                     "at": time.time(), "retry_in": backoff}
             summary["failures"].append(fail)
             emit("rollout-failed", fail)
@@ -148,35 +150,8 @@ def watch(uri: str, app: str, *, interval: float = 10.0, mode: str = "user_confi
     summary["stopped_by"] = why
     summary["seconds"] = round(time.monotonic() - started, 3)
     try:
-        summary["replicas"] = [_brief(r) for r in replica_rows(app, view.targets)]
+        summary["replicas"] = [replica_summary(r) for r in replica_rows(app, view.targets)]
     except Exception:  # noqa: BLE001
         pass
     return summary
 
-
-def describe_event(kind: str, f: dict) -> str | None:
-    """One human line per watch event (rollout events are described by prefetch.rollout.describe_event)."""
-    stamp = time.strftime("%H:%M:%S")
-    if kind == "watching":
-        return f"{stamp} watching {f['uri']} for app {f['app']} every {f['interval']:g}s"
-    if kind == "registry-error":
-        return f"{stamp} registry error (retrying in {f['retry_in']:g}s): {f['error']}"
-    if kind == "serve-error":
-        return f"{stamp} cannot read the app's replicas (retrying in {f['retry_in']:g}s): {f['error']}"
-    if kind == "moved":
-        return f"{stamp} {f['uri']} moved: v{f['from']} -> v{f['to']}"
-    if kind == "in-sync":
-        return f"{stamp} in sync: app serves v{f['version']} ({f['uri']})"
-    if kind == "waiting-for-move":
-        return (f"{stamp} {f['uri']} points at v{f['version']}; app serves {', '.join(f['served']) or 'nothing'}; "
-                "waiting for the next move (--once-moved)")
-    if kind == "rolling-out":
-        return f"{stamp} app serves {', '.join(f['served']) or 'nothing'}; rolling out v{f['version']}"
-    if kind == "rollout-failed":
-        return f"{stamp} rollout of v{f['version']} failed (exit {f['exit_code']}; retry in {f['retry_in']:g}s): {f['error']}"
-    if kind == "rolled-out":
-        return f"{stamp} v{f['version']} rolled out in {f['seconds']:.1f}s"
-    from .rollout import describe_event as rollout_line
-
-    line = rollout_line(kind, f)
-    return None if line is None else f"{stamp} {line}"
