@@ -585,14 +585,19 @@ def _app_status(app_name: str, address: Optional[str], as_json: bool) -> None:
 
     from .render import render_app_status
 
+    _show_report(lambda: app_status(app_name, address), render_app_status, as_json)
+
+
+def _show_report(load, render, as_json: bool) -> None:
+    """A status command's tail: its report as JSON or drawn by `render`; exit 1 when the report is not ok."""
     try:
-        doc = app_status(app_name, address)
+        doc = load()
     except PrefetchError as e:
         raise _fail(e)
     if as_json:
         _emit_json(doc)
     else:
-        render_app_status(doc, _console())
+        render(doc, _console())
     if not doc["ok"]:
         raise typer.Exit(1)
 
