@@ -393,13 +393,15 @@ def rollout(
     """Warm a model version on every node, validate it, then switch a Serve app to it and confirm every replica.
 
     Nothing in the running app changes unless the warm and the validation passed on every node."""
-    from . import rollout as ro
+    from serving.control.rollout import rollout as roll_out
+
+    from .render import serve_event_line
 
     options = {"tolerance": tolerance} if tolerance is not None else None
     try:
-        report = ro.rollout(app_name, model_uri, mode=mode, config_path=config, format=format, convert_options=options,
-                            deployment=deployment, address=address, timeout=timeout, validate=validate,
-                            rollback=rollback, on_event=_printer(as_json, ro.describe_event))
+        report = roll_out(app_name, model_uri, mode=mode, config_path=config, format=format, convert_options=options,
+                          deployment=deployment, address=address, timeout=timeout, validate=validate,
+                          rollback=rollback, on_event=_printer(as_json, serve_event_line))
     except PrefetchError as e:
         raise _rollout_fail(e, as_json)
     if as_json:
@@ -432,7 +434,11 @@ def watch(
     import signal
     import threading
 
-    from . import watch as w
+    from functools import partial
+
+    from serving.control.watch import watch as follow
+
+    from .render import serve_event_line
 
     stop = threading.Event()
 
@@ -444,10 +450,10 @@ def watch(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     options = {"tolerance": tolerance} if tolerance is not None else None
-    summary = w.watch(uri, app_name, interval=interval, mode=mode, config_path=config, format=format,
-                      convert_options=options, deployment=deployment, address=address, timeout=timeout,
-                      once_moved=once_moved, max_rollouts=max_rollouts, duration=duration, stop=stop,
-                      on_event=_printer(as_json, w.describe_event))
+    summary = follow(uri, app_name, interval=interval, mode=mode, config_path=config, format=format,
+                     convert_options=options, deployment=deployment, address=address, timeout=timeout,
+                     once_moved=once_moved, max_rollouts=max_rollouts, duration=duration, stop=stop,
+                     on_event=_printer(as_json, partial(serve_event_line, timestamped=True)))
     if as_json:
         _emit_json(summary)
     else:
@@ -458,9 +464,9 @@ def watch(
 
 def _app_status(app_name: str, address: Optional[str], as_json: bool) -> None:
     """`prefetch status --app APP`: the version each replica of a Serve app serves."""
-    from .serve_app import app_status, render_app_status
+    from serving.control.apps import app_status
 
-    _finish(app_status(app_name, address), as_json, render_app_status, code=1)
+    _finish(app_status(app_name, address), as_json, render.render_app_status, code=1)
 
 
 def main() -> None:

@@ -220,7 +220,7 @@ def test_rollout_user_config_hot_swaps_under_load_with_zero_failures(on_rig):
     print(table)
 
     # Rolling out what already runs changes nothing.
-    from prefetch.rollout import rollout
+    from serving.control.rollout import rollout
 
     again = rollout(APP, f"models:/{NAME}/2", address=rig.address)
     assert again["ok"] and not again["changed"] and again["note"] == "already serving it"
@@ -241,7 +241,7 @@ def _register_broken_version(rig, tmp_path: Path) -> str:
 
 def test_failed_rollouts_leave_the_running_version_untouched(on_rig, tmp_path):
     from prefetch.errors import BadURI, NotFound
-    from prefetch.rollout import RolloutError, rollout
+    from serving.control.rollout import RolloutError, rollout
 
     rig = on_rig
     before = wait_for(lambda: on_version("2"), what="2 replicas on v2")
@@ -435,7 +435,7 @@ def test_config_file_edit_changes_only_the_model_and_keeps_the_rest(tmp_path):
     import yaml
 
     from prefetch.errors import BadURI
-    from prefetch.serve_config import ConfigFile
+    from serving.control.config_file import ConfigFile
 
     text = """\
 # fleet config
@@ -508,3 +508,31 @@ def test_bad_usage_fails_before_touching_ray(tmp_path):
                                str(tmp_path / "none.yaml")), 2, "no such Serve config file", "none.yaml")
     assert_clean_error(run_cli("watch", "models:/fraud/3", "--app", APP), 2, "can move")
     assert_clean_error(run_cli("watch", "models:/fraud@champion", "--app", APP, "--interval", "0"), 2, "--interval")
+
+
+def test_old_import_paths_still_work_with_a_deprecation_warning():
+    """prefetch.rollout / prefetch.watch moved to serving.control: one release of shims that say so."""
+    code = """
+import warnings
+import serving.control.rollout, serving.control.watch
+warnings.filterwarnings("error", category=DeprecationWarning, message=".* moved to ")
+for old, new in (("prefetch.rollout", "serving.control.rollout"), ("prefetch.watch", "serving.control.watch")):
+    try:
+        __import__(old)
+    except DeprecationWarning as w:
+        assert str(w) == f"{old} moved to {new}", w
+    else:
+        raise SystemExit(f"importing {old} did not warn")
+warnings.simplefilter("ignore")
+import prefetch.rollout as r, prefetch.watch as w
+assert r.rollout is serving.control.rollout.rollout and r.RolloutError is serving.control.rollout.RolloutError
+assert w.watch is serving.control.watch.watch
+print(r.describe_event("unchanged", {"label": "m v2"}))
+print(w.describe_event("moved", {"uri": "models:/m@live", "from": "1", "to": "2"}))
+"""
+    proc = subprocess.run([PREFETCH[0], "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "every replica already serves m v2: nothing to do", lines
+    assert lines[1].endswith(" models:/m@live moved: v1 -> v2") and lines[1][2] == ":", lines

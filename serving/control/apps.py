@@ -1,11 +1,12 @@
 """The running Serve apps, as `prefetch rollout` / `watch` / `status --app` see and change them.
 
-Through the Serve controller's declarative API (what `serve deploy` and the dashboard's REST API use, and what
-works without a dashboard): `get_serve_instance_details()` gives each app's status, source (declarative or
-serve.run), the config it was deployed with and its deployments' live options (user_config, replicas);
-`apply_config()` takes the *whole* set of declarative apps (Serve deletes declarative apps missing from it), so a
-caller changes one app by re-applying every declarative app's config with only that one changed.
-What each replica serves comes from the replicas themselves (serving.replicas, published into Ray's KV).
+Through Serve's declarative API (serving.control.compat: the dashboard's REST API where one runs, the Serve
+controller client where none does): the instance details give each app's status, source (declarative or
+serve.run), the config it was deployed with and its deployments' live options (user_config, replicas); a deploy
+takes the *whole* set of declarative apps (Serve deletes declarative apps missing from it), so a caller changes
+one app by re-applying every declarative app's config with only that one changed.
+What each replica serves comes from the replicas themselves (serving.control.replicas).
+The `status --app` table is drawn by prefetch.render from app_status()'s dict.
 
 Ray and Serve are imported inside functions only.
 """
@@ -15,37 +16,30 @@ import copy
 import dataclasses
 from typing import Any, Iterable
 
-from .errors import BadURI, NotFound
+from prefetch.errors import BadURI, NotFound
+
+from . import compat
 
 
-def _value(x: Any) -> str:
+def enum_value(x: Any) -> str:
     """An enum Serve puts in its details (ApplicationStatus.RUNNING, APIType.DECLARATIVE) as its plain value."""
     return str(getattr(x, "value", x))
 
 
-
 # -- the apps -----------------------------------------------------------------------------------------------------
-def _client():
-    """The Serve controller client of the connected cluster (what `serve deploy` / the REST API talk to)."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.exceptions import RayServeException
-
-    try:
-        return _get_global_client()
-    except RayServeException:
-        raise NotFound("Serve is not running on this Ray cluster") from None
-
-
 def serve_details() -> dict:
     """Serve's instance details (ServeInstanceDetails as JSON-able dicts): apps, their configs and deployments."""
-    return _client().get_serve_details()
+    details = compat.get_serve_details()
+    if details is None:
+        raise NotFound("Serve is not running on this Ray cluster")
+    return details
 
 
 def declarative_configs(details: dict) -> dict[str, dict]:
     """app name -> the config it was deployed with, for every declaratively deployed app (same order)."""
     out = {}
     for name, app in (details.get("applications") or {}).items():
-        if _value(app.get("source")) == "declarative" and app.get("deployed_app_config"):
+        if enum_value(app.get("source")) == "declarative" and app.get("deployed_app_config"):
             out[name] = copy.deepcopy(app["deployed_app_config"])
     return out
 
@@ -94,13 +88,13 @@ def inspect_app(app: str, deployment: str | None = None, details: dict | None = 
     if not targets:
         raise BadURI(f"application '{app}' has no deployment with a 'model_uri' in its user_config "
                      "(serving.RegistryModel keeps the model URI there)")
-    return AppView(app, _value(doc.get("status")), _value(doc.get("source")), doc.get("deployed_app_config"),
-                   deployments, targets)
+    return AppView(app, enum_value(doc.get("status")), enum_value(doc.get("source")),
+                   doc.get("deployed_app_config"), deployments, targets)
 
 
 def replica_rows(app: str, deployments: Iterable[str] | None = None) -> list[dict]:
     """What each live RegistryModel replica of the app serves (published by the replicas themselves)."""
-    from serving.replicas import replica_status
+    from .replicas import replica_status
 
     rows = replica_status(app)
     if deployments is not None:
@@ -113,7 +107,8 @@ _ROW_FIELDS = ("deployment", "replica", "node_id", "name", "version", "format", 
                "warm_seconds", "load_seconds", "healthy", "error")
 
 
-def _brief(row: dict) -> dict:
+def replica_summary(row: dict) -> dict:
+    """The fields of a replica status row a report keeps (its error reduced to uri, message, type, at)."""
     out = {k: row.get(k) for k in _ROW_FIELDS}
     if isinstance(out["error"], dict):
         out["error"] = {k: out["error"].get(k) for k in ("uri", "message", "type", "at")}
@@ -122,18 +117,14 @@ def _brief(row: dict) -> dict:
 
 def apply_configs(configs: Iterable[dict], target_capacity: float | None) -> None:
     """Deploy this set of declarative app configs (Serve deletes declarative apps missing from it)."""
-    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
-
-    apps = [ServeApplicationSchema.model_validate(c) for c in configs]
-    _client().deploy_apps(ServeDeploySchema(applications=apps, target_capacity=target_capacity))
+    compat.deploy_apps({"applications": list(configs), "target_capacity": target_capacity})
 
 
-
-# -- `prefetch status --app` --------------------------------------------------------------------------------------------
+# -- `prefetch status --app` -------------------------------------------------------------------------------------
 def app_status(app: str, address: str | None = None) -> dict:
     """The version each replica of a Serve app serves: {ok, app, status, deployments: {name: {user_config,
     target_replicas}}, replicas: [rows], versions: {"name vN": count}}. ok: every replica healthy, no swap error."""
-    from .cluster import connect
+    from prefetch.cluster import connect
 
     connect(address)
     details = serve_details()
@@ -141,32 +132,16 @@ def app_status(app: str, address: str | None = None) -> dict:
     if app not in apps:
         raise NotFound(f"no Serve application named '{app}' (running: {', '.join(sorted(apps)) or 'none'})")
     doc = apps[app]
-    rows = [_brief(r) for r in replica_rows(app)]
+    rows = [replica_summary(r) for r in replica_rows(app)]
     versions: dict[str, int] = {}
     for r in rows:
         label = f"{r['name']} v{r['version']}" if r.get("version") else (r.get("uri") or "?")
         versions[label] = versions.get(label, 0) + 1
-    deployments = {name: {"status": _value(d.get("status")),
+    deployments = {name: {"status": enum_value(d.get("status")),
                           "user_config": (d.get("deployment_config") or {}).get("user_config"),
                           "target_replicas": d.get("target_num_replicas")}
                    for name, d in (doc.get("deployments") or {}).items()}
     return {"ok": all(r.get("healthy") and not r.get("error") for r in rows), "app": app,
-            "status": _value(doc.get("status")), "source": _value(doc.get("source")), "deployments": deployments,
-            "replicas": rows, "versions": versions}
+            "status": enum_value(doc.get("status")), "source": enum_value(doc.get("source")),
+            "deployments": deployments, "replicas": rows, "versions": versions}
 
-
-def render_app_status(doc: dict, console) -> None:
-    from rich.table import Table
-
-    table = Table(box=None)
-    for name in ("deployment", "replica", "node", "model", "version", "format", "from cache", "error"):
-        table.add_column(name, overflow="fold", no_wrap=name in ("replica", "node", "version"))
-    for r in doc["replicas"]:
-        err = r.get("error")
-        table.add_row(r.get("deployment") or "-", r.get("replica") or "-", (r.get("node_id") or "-")[:12],
-                      r.get("name") or r.get("uri") or "-", str(r.get("version") or "-"), r.get("format") or "-",
-                      "yes" if r.get("from_cache") else "no",
-                      f"[red]{err.get('uri')}: {err.get('message')}[/red]" if isinstance(err, dict) else "")
-    console.print(table)
-    versions = ", ".join(f"{v} x{n}" for v, n in doc["versions"].items()) or "no replica reports a model"
-    console.print(f"app {doc['app']}: {doc['status']}; {len(doc['replicas'])} replicas: {versions}", highlight=False)

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import BadURI
+from prefetch.errors import BadURI, one_line
 
 MODEL_KEYS = ("model_uri", "format", "convert_options")
 
@@ -47,7 +47,7 @@ class ConfigFile:
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise BadURI(f"not valid YAML: {_first_line(e)}", str(p)) from None
+            raise BadURI(f"not valid YAML: {one_line(e)}", str(p)) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("applications"), list):
             raise BadURI("expected a Serve config with an 'applications:' list (the `serve deploy` format)", str(p))
         names = [a.get("name") if isinstance(a, dict) else None for a in doc["applications"]]
@@ -72,7 +72,7 @@ class ConfigFile:
         except Exception as e:  # noqa: BLE001 - pydantic's ValidationError: its first error is enough here
             errors = getattr(e, "errors", None)
             first = errors()[0] if callable(errors) and errors() else None
-            why = f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}" if first else _first_line(e)
+            why = f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}" if first else one_line(e)
             raise BadURI(f"not a valid Serve config: {why}", str(p)) from None
         return cls(p, text, doc, app, index, places)
 
@@ -188,8 +188,3 @@ def _render(value: Any, old) -> str:
         if style is None and value and yaml.safe_load(value) == value and "#" not in value and ": " not in value:
             return value
     return json.dumps(value)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
