@@ -31,7 +31,7 @@ from typing import Any
 
 from prefetch.errors import BadURI
 
-from . import replicas
+from .control import replicas
 from .loader import FORMATS, LoadedModel, load_model, prepare_runtime, warm_local
 from .scoring import BadRequest, is_client_error, jsonable, parse_request
 
