@@ -36,9 +36,18 @@ def parse_request(body: Any, schema=None) -> tuple[Any, dict | None]:
 
 def jsonable(predictions: Any) -> Any:
     """Predictions as plain JSON values (numpy arrays, pandas frames and series, numpy scalars)."""
-    from mlflow.utils.proto_json_utils import NumpyEncoder, _get_jsonable_obj
+    import numpy as np
+    import pandas as pd
+    from mlflow.utils.proto_json_utils import NumpyEncoder
 
-    return json.loads(json.dumps(_get_jsonable_obj(predictions, pandas_orient="records"), cls=NumpyEncoder))
+    # What MLflow's scoring server does (records for frames), with public calls only.
+    if isinstance(predictions, np.ndarray):
+        predictions = predictions.tolist()
+    elif isinstance(predictions, pd.Series):
+        predictions = predictions.to_frame().to_dict(orient="records")
+    elif isinstance(predictions, pd.DataFrame):
+        predictions = predictions.to_dict(orient="records")
+    return json.loads(json.dumps(predictions, cls=NumpyEncoder))
 
 
 def is_client_error(e: BaseException) -> bool:
