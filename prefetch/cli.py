@@ -130,19 +130,26 @@ def warm(
         raise typer.Exit(first_error.exit_code)
 
 
-def _warm_cluster(uris, format, address, options, as_json) -> None:
-    from .cluster import render_warm_table, warm_cluster
-
+def _show_report(produce, render_report, as_json: bool) -> None:
+    """Call the library, print its report (one JSON document, or the render.py table), exit with its code."""
     try:
-        report = warm_cluster(uris, format=format, address=address, convert_options=options)
+        report = produce()
     except PrefetchError as e:
         raise _fail(e)
     if as_json:
         _emit_json(report)
     else:
-        render_warm_table(report, _console())
-    if not report["ok"]:
+        render_report(report, _console())
+    if not report.get("ok", True):
         raise typer.Exit(report.get("exit_code", 1))
+
+
+def _warm_cluster(uris, format, address, options, as_json) -> None:
+    from .cluster.fanout import warm_cluster
+    from .render import render_warm_table
+
+    _show_report(lambda: warm_cluster(uris, format=format, address=address, convert_options=options),
+                 render_warm_table, as_json)
 
 
 @app.command()
@@ -284,18 +291,10 @@ def status(address: Optional[str] = typer.Option(None, "--address", help="Ray cl
     """Every node's cache: agent, cache dir, objects, size, in-flight downloads with progress, desired set."""
     if app_name is not None:
         return _app_status(app_name, address, as_json)
-    from .cluster import cluster_status, render_status_table
+    from .cluster.fanout import cluster_status
+    from .render import render_status_table
 
-    try:
-        report = cluster_status(address)
-    except PrefetchError as e:
-        raise _fail(e)
-    if as_json:
-        _emit_json(report)
-    else:
-        render_status_table(report, _console())
-    if not report["ok"]:
-        raise typer.Exit(1)
+    _show_report(lambda: cluster_status(address), render_status_table, as_json)
 
 
 @app.command()
@@ -312,36 +311,27 @@ def daemon(
 
     The set comes from --models-file and PREFETCH_MODELS (comma or newline separated). Returns quickly: this
     node's agent and the cluster's controller (detached Ray actors) keep going."""
-    from .agent import load_models
+    from .cluster.desired import load_models, validate_uris
+    from .render import render_daemon_report
 
-    try:
+    def produce() -> dict:
         if format not in ("native", "onnx", "torchscript"):
             raise BadURI(f"unknown --format '{format}' (native, onnx or torchscript)")
         if clear:
-            from .controller import clear_desired
+            from .cluster.fanout import clear_desired
 
-            report = clear_desired(address)
-        else:
-            if not interval > 0:
-                raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
-            uris = load_models(models_file)
-            if not uris:
-                raise BadURI("no models to keep warm: give --models-file FILE or set PREFETCH_MODELS")
-            from .agent import validate_uris
-            from .controller import run_daemon
+            return clear_desired(address)
+        if not interval > 0:
+            raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
+        uris = load_models(models_file)
+        if not uris:
+            raise BadURI("no models to keep warm: give --models-file FILE or set PREFETCH_MODELS")
+        validate_uris(uris)   # a typo fails here, before Ray is touched
+        from .cluster.fanout import run_daemon
 
-            validate_uris(uris)   # a typo fails here, before Ray is touched
-            report = run_daemon(uris, interval=interval, once=once, address=address, format=format)
-    except PrefetchError as e:
-        raise _fail(e)
-    if as_json:
-        _emit_json(report)
-    else:
-        from .controller import render_daemon_report
+        return run_daemon(uris, interval=interval, once=once, address=address, format=format)
 
-        render_daemon_report(report, _console())
-    if not report.get("ok", True):
-        raise typer.Exit(report.get("exit_code", 1))
+    _show_report(produce, render_daemon_report, as_json)
 
 
 # -- lifecycle: gc, pin, unpin ---------------------------------------------------------------------------------

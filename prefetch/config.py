@@ -72,7 +72,7 @@ class Settings:
             if os.environ.get(env):
                 values[field] = os.environ[env]
         if "ray" in sys.modules:   # never import ray here: a CLI hit must stay fast
-            from .node import in_ray_worker, node_cache_dir
+            from .cluster.node import in_ray_worker, node_cache_dir
 
             # Inside a Ray worker (the node agent, a replica) the node's label names the node's cache dir,
             # so every process on the node finds the same directory the same way (prefetch/node.py).

@@ -151,7 +151,7 @@ def _warm_progress(uri: str) -> list[dict]:
     """Bytes done per node for the warms of `uri` in flight now (from each agent's status); [] if unknown."""
     import ray
 
-    from .agent import get_agent
+    from .cluster import get_agent
     from .cluster import alive_nodes
 
     try:
