@@ -143,10 +143,10 @@ def warm(
 
 
 def _warm_cluster(uris, format, address, options, as_json) -> None:
-    from .cluster import render_warm_table, warm_cluster
+    from .cluster.fanout import warm_cluster
 
     report = warm_cluster(uris, format=format, address=address, convert_options=options)
-    _finish(report, as_json, render_warm_table)
+    _finish(report, as_json, render.render_warm_table)
 
 
 @app.command()
@@ -242,9 +242,9 @@ def status(address: Address = None,
     """Every node's cache: agent, cache dir, objects, size, in-flight downloads with progress, desired set."""
     if app_name is not None:
         return _app_status(app_name, address, as_json)
-    from .cluster import cluster_status, render_status_table
+    from .cluster.fanout import cluster_status
 
-    _finish(cluster_status(address), as_json, render_status_table, code=1)
+    _finish(cluster_status(address), as_json, render.render_status_table, code=1)
 
 
 @app.command()
@@ -261,12 +261,12 @@ def daemon(
 
     The set comes from --models-file and PREFETCH_MODELS (comma or newline separated). Returns quickly: this
     node's agent and the cluster's controller (detached Ray actors) keep going."""
-    from .agent import load_models
     from .api import check_format
+    from .cluster.desired import load_models
 
     check_format(format)
     if clear:
-        from .controller import clear_desired
+        from .cluster.fanout import clear_desired
 
         report = clear_desired(address)
     else:
@@ -275,14 +275,13 @@ def daemon(
         uris = load_models(models_file)
         if not uris:
             raise BadURI("no models to keep warm: give --models-file FILE or set PREFETCH_MODELS")
-        from .agent import validate_uris
-        from .controller import run_daemon
+        from .cluster.desired import validate_uris
+        from .cluster.fanout import run_daemon
 
         validate_uris(uris)   # a typo fails here, before Ray is touched
         report = run_daemon(uris, interval=interval, once=once, address=address, format=format)
-    from .controller import render_daemon_report
 
-    _finish(report, as_json, render_daemon_report)
+    _finish(report, as_json, render.render_daemon_report)
 
 
 # -- lifecycle: gc, pin, unpin ---------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Env wins over the TOML file; explicit keyword overrides win over both. `PREFETCH_CONFIG` names the TOML file
 (default `~/.config/prefetch/config.toml` if present) with the same keys as the dataclass fields.
-Inside a Ray worker, the node label `prefetch-cache-dir` (prefetch/node.py) wins over both for cache_dir.
+Inside a Ray worker, the node label `prefetch-cache-dir` (prefetch/cluster/node.py) wins over both for cache_dir.
 """
 from __future__ import annotations
 
@@ -72,10 +72,10 @@ class Settings:
             if os.environ.get(env):
                 values[field] = os.environ[env]
         if "ray" in sys.modules:   # never import ray here: a CLI hit must stay fast
-            from .node import in_ray_worker, node_cache_dir
+            from .cluster.node import in_ray_worker, node_cache_dir
 
             # Inside a Ray worker (the node agent, a replica) the node's label names the node's cache dir,
-            # so every process on the node finds the same directory the same way (prefetch/node.py).
+            # so every process on the node finds the same directory the same way (prefetch/cluster/node.py).
             label_dir = node_cache_dir() if in_ray_worker() else None
             if label_dir is not None:
                 values["cache_dir"] = label_dir

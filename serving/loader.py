@@ -133,7 +133,7 @@ def _warm_via_agent(uri: str, format: str, convert_options: dict | None):
     ray = sys.modules.get("ray")   # a process that never imported ray is not in a Ray cluster: don't import it
     if ray is None or not ray.is_initialized():
         return None
-    from prefetch.agent import warm_via_local_agent
+    from prefetch.cluster.agent import warm_via_local_agent
 
     return warm_via_local_agent(uri, format, convert_options)
 

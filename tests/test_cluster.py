@@ -52,10 +52,10 @@ class FakeWrapper:
 
 
 def test_agent_state_machine_without_ray(monkeypatch):
-    from prefetch import cluster
-    from prefetch.cluster import AgentStateManager, AgentStatus
+    from prefetch.cluster import state
+    from prefetch.cluster.state import AgentStateManager, AgentStatus
 
-    monkeypatch.setattr(cluster, "HEALTH_CHECK_PERIOD_S", 0.0)
+    monkeypatch.setattr(state, "HEALTH_CHECK_PERIOD_S", 0.0)
     made: list[FakeWrapper] = []
     scripts = {"a": dict(ready=(None, True)), "b": dict(ready=(False,)), "c": dict(healthy=(True, False, False, False))}
 
@@ -148,7 +148,7 @@ def rig(s3, mlflow_direct, tmp_path_factory):
         yield r
     finally:
         try:
-            from prefetch.controller import clear_desired
+            from prefetch.cluster import clear_desired
 
             clear_desired(r.address)
         except Exception:
@@ -189,7 +189,7 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 def test_warm_cluster_puts_a_verified_copy_on_every_node(on_rig, s3):
     import ray
 
-    from prefetch.agent import get_agent
+    from prefetch.cluster import get_agent
 
     before = _bytes_out(s3)
     report = json.loads(run_cli("warm", _uri(1), "--cluster", "--address", on_rig.address, "--json", check=True).stdout)
@@ -226,7 +226,7 @@ def test_warm_cluster_puts_a_verified_copy_on_every_node(on_rig, s3):
 def test_killed_agent_is_recreated_and_finds_its_cache_intact(on_rig, s3):
     import ray
 
-    from prefetch.agent import get_agent
+    from prefetch.cluster import get_agent
     from prefetch.cluster import warm_cluster
 
     victim = next(n for n in on_rig.dirs if n != ray.get_runtime_context().get_node_id())
@@ -250,7 +250,7 @@ def test_a_replica_on_a_node_goes_through_that_nodes_agent(on_rig):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from prefetch.agent import get_agent
+    from prefetch.cluster import get_agent
 
     node_id = sorted(on_rig.dirs)[-1]
     storage = on_rig.seed["versions"][0]["artifact_location"]          # s3://...: not cached anywhere yet
@@ -258,7 +258,7 @@ def test_a_replica_on_a_node_goes_through_that_nodes_agent(on_rig):
     @ray.remote(num_cpus=0)
     def replica(uri):
         import prefetch
-        from prefetch.agent import warm_via_local_agent
+        from prefetch.cluster.agent import warm_via_local_agent
 
         via_agent = warm_via_local_agent(uri)
         local = prefetch.warm(uri)                                      # what the replica's own process sees
@@ -278,7 +278,7 @@ def test_a_replica_on_a_node_goes_through_that_nodes_agent(on_rig):
 
     @ray.remote(num_cpus=0)
     def missing():
-        from prefetch.agent import warm_via_local_agent
+        from prefetch.cluster.agent import warm_via_local_agent
 
         try:
             warm_via_local_agent(f"models:/{NAME}/99")
@@ -355,8 +355,8 @@ def test_daemon_keeps_new_nodes_and_moved_aliases_warm(on_rig, s3):
     import ray
 
     from prefetch import lifecycle
-    from prefetch.agent import get_agent
-    from prefetch.controller import CONTROLLER_NAME
+    from prefetch.cluster import get_agent
+    from prefetch.cluster import CONTROLLER_NAME
 
     alias = f"models:/{NAME}@champion"
     once = json.loads(run_cli("daemon", "--once", "--address", on_rig.address, "--json",

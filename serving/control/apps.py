@@ -124,7 +124,7 @@ def apply_configs(configs: Iterable[dict], target_capacity: float | None) -> Non
 def app_status(app: str, address: str | None = None) -> dict:
     """The version each replica of a Serve app serves: {ok, app, status, deployments: {name: {user_config,
     target_replicas}}, replicas: [rows], versions: {"name vN": count}}. ok: every replica healthy, no swap error."""
-    from prefetch.cluster import connect
+    from prefetch.cluster.fanout import connect
 
     connect(address)
     details = serve_details()

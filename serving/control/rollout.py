@@ -117,7 +117,7 @@ def resolve_target(uri: str, format: str = "native", convert_options: dict | Non
 # -- 3. warm everywhere -------------------------------------------------------------------------------------------
 def warm_everywhere(target: Target, address: str | None, emit: Event) -> dict:
     """warm_cluster for the pinned URI, with per-node progress events while it runs; raises on any failed row."""
-    from prefetch.cluster import warm_cluster
+    from prefetch.cluster.fanout import warm_cluster
 
     result: dict = {}
 
@@ -156,8 +156,8 @@ def _warm_progress(uri: str) -> list[dict]:
     """Bytes done per node for the warms of `uri` in flight now (from each agent's status); [] if unknown."""
     import ray
 
-    from prefetch.agent import get_agent
-    from prefetch.cluster import alive_nodes
+    from prefetch.cluster.agent import get_agent
+    from prefetch.cluster.node import alive_nodes
 
     try:
         pending = {}
@@ -360,7 +360,7 @@ def check_args(app: str, model_uri: str, mode: str, config_path: str | os.PathLi
 
 def _look(app: str, deployment: str | None, address: str | None) -> tuple[dict, AppView, list[dict]]:
     """(Serve's details, the app, its replicas' status rows), or why it cannot be rolled out."""
-    from prefetch.cluster import connect
+    from prefetch.cluster.fanout import connect
 
     connect(address)
     details = serve_details()
@@ -421,7 +421,7 @@ def warm_and_validate(p: Plan, address: str | None, validate: bool, timeout: flo
                       emit: Event) -> set[str]:
     """Steps 3-4: warm on every node (a conversion is validated on every node by the warm itself) while one
     task loads the model from a node's cache. Returns the cache keys the warm reported."""
-    from prefetch.cluster import alive_nodes
+    from prefetch.cluster.node import alive_nodes
 
     check = None
     if validate:

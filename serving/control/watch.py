@@ -137,7 +137,7 @@ def watch(uri: str, app: str, *, interval: float = 10.0, mode: str = "user_confi
     Returns a summary when stopped: {polls, errors, rollouts: [reports], failures: [...], moves: [...],
     last_version, stopped_by}. Raises only for bad arguments or an app that does not exist at start.
     """
-    from prefetch.cluster import connect
+    from prefetch.cluster.fanout import connect
 
     check_watchable(uri)
     if mode not in MODES:

@@ -1,9 +1,10 @@
-"""The desired-set controller and `prefetch daemon`: keep a declared set of URIs warm on every node, for good.
+"""The desired-set controller: keep a declared set of URIs warm on every node, for good.
 
-`prefetch daemon` (a node's start-up hook) hands the set to this node's agent and to the controller, a detached
-actor (`prefetch-controller`, namespace `prefetch`, `num_cpus=0`, on the head node when it can be). The controller
-runs cluster.AgentStateManager on a loop, like Serve's controller runs its proxy manager: agents on new nodes,
-dead ones replaced, the set pushed to each. The agents do the warming and the re-resolving themselves.
+`prefetch daemon` (a node's start-up hook, prefetch.cluster.fanout.run_daemon) hands the set to this node's agent
+and to the controller, a detached actor (`prefetch-controller`, namespace `prefetch`, `num_cpus=0`, on the head
+node when it can be). The controller runs state.AgentStateManager on a loop, like Serve's controller runs its
+proxy manager: agents on new nodes, dead ones replaced, the set pushed to each. The agents do the warming and the
+re-resolving themselves. Also here: finding and creating the controller, and asking it for its set.
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import threading
 import time
 from typing import Callable
 
-from .agent import NAMESPACE, DesiredSet, agent_name, get_agent, get_or_create_agent, validate_uris
-from .cluster import (HEALTH_CHECK_TIMEOUT_S, ActorAgentWrapper, AgentStateManager, AgentStatus,
-                      AgentWrapper, _first_line, _node_map, alive_nodes, connect, render_warm_table)
+from ..errors import one_line
+from .agent import NAMESPACE, ActorAgentWrapper
+from .desired import DesiredSet
+from .node import alive_nodes, node_map
+from .state import HEALTH_CHECK_TIMEOUT_S, AgentStateManager, AgentStatus, AgentWrapper
 
 CONTROLLER_NAME = "prefetch-controller"
 MAX_TICK_S = 10.0      # the controller looks for new nodes at least this often, whatever the set's interval
@@ -59,7 +62,7 @@ class Controller:
     def tick(self) -> dict:
         """One reconcile: agents on every alive node, the desired set pushed to each healthy one."""
         with self._lock:
-            nodes = _node_map(alive_nodes())
+            nodes = node_map(alive_nodes())
             self._manager.update(nodes)
             if not self._has_set:
                 self._recover()
@@ -97,7 +100,7 @@ class Controller:
             try:
                 self.tick()
             except Exception as e:  # noqa: BLE001 - the loop outlives a bad tick (a GCS hiccup)
-                self.last_tick = {"at": time.time(), "error": f"{type(e).__name__}: {_first_line(e)}"}
+                self.last_tick = {"at": time.time(), "error": f"{type(e).__name__}: {one_line(e)}"}
             with self._lock:
                 # While agents are starting, look again soon; otherwise at the set's interval (capped, so a
                 # node that joins is noticed within MAX_TICK_S even when the set is re-resolved hourly).
@@ -157,95 +160,4 @@ def controller_desired(timeout: float = 10.0) -> dict | None:
     try:
         return ray.get(handle.desired.remote(), timeout=timeout)
     except Exception as e:  # noqa: BLE001
-        return {"error": f"{type(e).__name__}: {_first_line(e)}"}
-
-
-# -- `prefetch daemon` ----------------------------------------------------------------------------------------------
-def run_daemon(uris: list[str], interval: float = 60.0, once: bool = False, address: str | None = None,
-               format: str = "native", timeout: float = 60.0) -> dict:
-    """What a node's start-up hook runs. Starts (or reuses) this node's agent.
-
-    once=True: one warm pass of `uris` on this node, waited for; nothing is left running. The report has the
-    per-URI rows, and `ok`/`exit_code` like `warm`.
-    once=False: declare `uris` as the cluster's desired set: to this node's agent (so this node starts at once)
-    and to the controller (started if missing), which brings every other node, and every later one, along.
-    Returns as soon as both took the set (bounded by `timeout`; the agents keep going, detached)."""
-    import ray
-
-    from .node import current_node_id
-
-    validate_uris(uris)
-    connect(address)
-    node_id = current_node_id()
-    agent = get_or_create_agent(node_id)
-    if once:
-        report = ray.get(agent.sync.remote(uris, format))
-        failed = [r for r in report["rows"] if not r["ok"]]
-        report = report | {"mode": "once", "ok": not failed}
-        if failed:
-            report["exit_code"] = failed[0].get("exit_code") or 1
-        return report
-    controller = get_or_create_controller()
-    refs = {"agent": agent.set_desired.remote(uris, interval, format),
-            "controller": controller.set_desired.remote(uris, interval, format)}
-    report: dict = {"mode": "declare", "node_id": node_id, "agent": agent_name(node_id),
-                    "controller": CONTROLLER_NAME, "uris": list(uris), "interval": interval, "format": format}
-    errors = []
-    for who, ref in refs.items():
-        try:
-            report[f"{who}_desired"] = ray.get(ref, timeout=timeout)
-        except Exception as e:  # noqa: BLE001 - a slow agent still gets the set from the controller
-            errors.append(f"{who}: {type(e).__name__}: {_first_line(e)}")
-    # The set is declared if the controller took it: it pushes to every agent, this one included.
-    report["ok"] = "controller_desired" in report
-    if errors:
-        report["errors"] = errors
-    if not report["ok"]:
-        report["exit_code"] = 1
-    return report
-
-
-def clear_desired(address: str | None = None) -> dict:
-    """Forget the desired set: every agent stops re-warming (and unpins what it pinned); the controller exits.
-    Cached objects stay (gc or eviction decide their fate)."""
-    import ray
-
-    connect(address)
-    cleared = 0
-    controller = get_controller()
-    if controller is not None:
-        try:
-            ray.get(controller.shutdown.remote(), timeout=10)
-        except Exception:  # noqa: BLE001
-            pass
-        ray.kill(controller, no_restart=True)
-    refs = []
-    for node in alive_nodes():
-        handle = get_agent(node.node_id)
-        if handle is not None:
-            refs.append(handle.set_desired.remote([], 60.0, "native"))
-    for ref in refs:
-        try:
-            ray.get(ref, timeout=30)
-            cleared += 1
-        except Exception:  # noqa: BLE001
-            pass
-    return {"ok": True, "agents_cleared": cleared, "controller_stopped": controller is not None}
-
-
-def render_daemon_report(report: dict, console) -> None:
-    if report.get("mode") == "once":
-        render_warm_table({"rows": [r | {"node_ip": report.get("node_ip")} for r in report["rows"]],
-                           "nodes": 1, "failed": sum(not r["ok"] for r in report["rows"]),
-                           "seconds": sum(r.get("seconds") or 0 for r in report["rows"]),
-                           "origin_bytes": report.get("origin_bytes", 0)}, console)
-        return
-    if "agents_cleared" in report:
-        console.print(f"desired set cleared on {report['agents_cleared']} agents"
-                      f"{'; controller stopped' if report['controller_stopped'] else ''}", highlight=False)
-        return
-    console.print(f"desired set: {len(report['uris'])} URIs, re-resolved every {report['interval']:g}s, "
-                  f"kept warm on every node by {report['controller']} (this node: {report['agent']})",
-                  highlight=False, soft_wrap=True)
-    for e in report.get("errors", []):
-        console.print(f"[yellow]warning:[/yellow] {e}", highlight=False, soft_wrap=True)
+        return {"error": f"{type(e).__name__}: {one_line(e)}"}

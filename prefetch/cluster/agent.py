@@ -10,9 +10,11 @@ nothing again. What it adds to the library:
 - `status`: the cache (size, objects), in-flight downloads of *any* process on the node, with progress
   (from the staging dirs' `.inflight.json` and the bytes already allocated there), recent warms, the desired set;
 - a desired set (`set_desired`): URIs kept warm and pinned, mutable ones (@alias, latest, a stage) re-resolved
-  every interval by a background thread, so a moved alias is fetched with no command.
+  every interval by a background thread (prefetch.cluster.desired), so a moved alias is fetched with no command.
 
-Ray is imported only inside functions: `import prefetch.agent` stays cheap.
+Also here: finding and creating agents (`get_or_create_agent`, `get_agent`, `warm_via_local_agent`) and
+`ActorAgentWrapper`, the Ray-backed form of the state machine's AgentWrapper (prefetch.cluster.state).
+Ray is imported only inside functions: `import prefetch.cluster.agent` stays cheap.
 """
 from __future__ import annotations
 
@@ -20,19 +22,22 @@ import collections
 import dataclasses
 import json
 import os
-import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from .config import Settings
-from .errors import PrefetchError, error_fields  # noqa: F401  (error_fields: re-exported)
-from .lifecycle import pid_alive, pin, pins, unpin
-from .store import Store
+from ..config import Settings
+from ..errors import error_fields, one_line
+from ..lifecycle import pid_alive
+from ..store import Store
+from . import compat
+from .desired import DesiredSetLoop
+from .node import current_node_id, ray_if_initialized
+from .state import AgentWrapper
 
 if TYPE_CHECKING:
-    from .api import Warmed
+    from ..api import Warmed
 
 NAMESPACE = "prefetch"
 AGENT_PREFIX = "prefetch-agent-"
@@ -88,76 +93,20 @@ def inflight_downloads(store: Store) -> list[dict]:
     return rows
 
 
-# -- pins kept by the desired set ------------------------------------------------------------------------------
-def _pin(store: Store, key: str, uri: str) -> None:
-    """Pin what the daemon keeps warm, so eviction never takes the desired set."""
-    try:
-        pin(store, key, uri=uri)
-    except OSError:
-        pass   # a pin is a protection, not a precondition of warming
-
-
-def _unpin_stale(store: Store, uri: str, keep: str | None) -> list[str]:
-    """Unpin the objects this URI was pinned for before (its alias moved, or it left the desired set).
-
-    The pin files (`pins/<key>.json`, written by lifecycle.pin with the URI) are the record, so an agent that
-    was restarted still finds what its predecessor pinned."""
-    released = []
-    for doc in pins(store):
-        key = doc.get("key")
-        if key and doc.get("uri") == uri and key != keep:
-            try:
-                if unpin(store, key):
-                    released.append(key)
-            except OSError:
-                pass
-    return released
-
-
-def _mutable(uri: str) -> bool:
-    try:
-        from .uri import parse
-
-        return parse(uri).mutable
-    except PrefetchError:
-        return False
-
-
-@dataclasses.dataclass(frozen=True)
-class DesiredSet:
-    uris: tuple[str, ...] = ()
-    interval: float = 60.0
-    format: str = "native"
-    updated_at: float | None = None
-
-    def to_dict(self) -> dict:
-        return {"uris": list(self.uris), "interval": self.interval, "format": self.format,
-                "updated_at": self.updated_at}
-
-
 # -- the actor ---------------------------------------------------------------------------------------------------
 class NodeAgent:
     """Run as a Ray actor (see get_or_create_agent); every method is also callable on a plain instance."""
 
     def __init__(self, node_id: str | None = None):
-        from .node import current_node_id
-
         self.node_id = node_id or current_node_id() or "local"
         self.started_at = time.time()
         self._lock = threading.Lock()
         self._recent: collections.deque[dict] = collections.deque(maxlen=RECENT)
         self._active: dict[int, dict] = {}
         self._next_op = 0
-        self._desired = DesiredSet()
-        self._desired_rows: dict[str, dict] = {}
-        self._passes = 0
-        self._last_pass: dict | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._metrics_server = None
         self.metrics_url = self._start_metrics()
-        self._loop = threading.Thread(target=self._run_loop, name="prefetch-desired-set", daemon=True)
-        self._loop.start()
+        self._desired = DesiredSetLoop(lambda uri, format, settings: self._row(uri, format, None, "daemon", settings))
 
     # -- identity and health ---------------------------------------------------------------------------------
     @staticmethod
@@ -178,7 +127,7 @@ class NodeAgent:
         its counters are the node's; the gauges read the node's store. PREFETCH_METRICS_PORT fixes the port (what
         Prometheus scrapes on every node); unset, or taken, a free port is used (see `prefetch status --json`)."""
         try:
-            from . import metrics
+            from .. import metrics
         except ImportError:
             return None
         addr = os.environ.get("PREFETCH_METRICS_ADDR") or self._node_ip() or "127.0.0.1"
@@ -197,12 +146,12 @@ class NodeAgent:
         return self._identity()
 
     def check_health(self) -> bool:
-        return self._loop.is_alive()
+        return self._desired.is_alive()
 
     # -- the library, run on this node -----------------------------------------------------------------------
     def _warm(self, uri: str, format: str, convert_options: dict | None, caller: str,
               settings: Settings | None = None) -> "Warmed":
-        from .api import warm
+        from ..api import warm
 
         with self._lock:
             op = self._next_op
@@ -267,12 +216,12 @@ class NodeAgent:
         return dataclasses.replace(w, resolved=dataclasses.replace(w.resolved, source=None))
 
     def ls(self) -> list[dict]:
-        from .api import list_objects
+        from ..api import list_objects
 
         return list_objects()
 
     def verify(self, key: str | None = None, repair: bool = True) -> list[dict]:
-        from .api import verify
+        from ..api import verify
 
         return [r.to_dict() for r in verify(key, repair=repair)]
 
@@ -295,79 +244,25 @@ class NodeAgent:
         with self._lock:
             doc["active"] = [dict(v) for v in self._active.values()]
             doc["recent"] = list(self._recent)[-10:]
-            doc["desired"] = self._desired.to_dict() | {
-                "passes": self._passes, "last_pass": self._last_pass,
-                "results": [dict(r) for r in self._desired_rows.values()]}
+        doc["desired"] = self._desired.status()
         return doc
 
-    # -- the desired set ----------------------------------------------------------------------------------------
+    # -- the desired set (prefetch.cluster.desired) ---------------------------------------------------------------
     def set_desired(self, uris: Iterable[str], interval: float = 60.0, format: str = "native") -> dict:
         """Keep these URIs warm (and pinned) on this node, re-resolving mutable ones every `interval` seconds.
         Idempotent: the same set again changes nothing (the controller pushes it on every tick)."""
-        new = DesiredSet(tuple(dict.fromkeys(uris)), float(interval), format, time.time())
-        with self._lock:
-            old = self._desired
-            changed = (new.uris, new.interval, new.format) != (old.uris, old.interval, old.format)
-            if changed:
-                self._desired = new
-                for uri in set(old.uris) - set(new.uris):
-                    self._desired_rows.pop(uri, None)
-        if changed:
-            store = Store(Settings.load().cache_dir)
-            for uri in set(old.uris) - set(new.uris):
-                _unpin_stale(store, uri, keep=None)
-            self._wake.set()
-        return self.desired()
+        return self._desired.set(uris, interval, format)
 
     def desired(self) -> dict:
-        with self._lock:
-            return self._desired.to_dict()
+        return self._desired.current()
 
     def sync(self, uris: Iterable[str] | None = None, format: str | None = None) -> dict:
         """One pass now over `uris` (default: the desired set), waited for: what `prefetch daemon --once` runs."""
-        with self._lock:
-            d = self._desired
-        return self._pass(tuple(uris) if uris is not None else d.uris, format or d.format)
-
-    def _pass(self, uris: tuple[str, ...], format: str) -> dict:
-        # ref_ttl=0: each pass asks the registry where a mutable URI points now (one cheap call per URI), so a
-        # moved alias is noticed within one interval; when the registry is down, the last ref is used.
-        settings = Settings.load(ref_ttl=0.0)
-        store = Store(settings.cache_dir)
-        rows = []
-        for uri in uris:
-            row = self._row(uri, format, None, "daemon", settings)
-            if row["ok"]:
-                _pin(store, row["key"], uri)
-                if _mutable(uri):
-                    row["unpinned"] = _unpin_stale(store, uri, keep=row["key"])
-            rows.append(row)
-            with self._lock:
-                if uri in self._desired.uris:
-                    self._desired_rows[uri] = row
-        summary = {"at": time.time(), "ok": all(r["ok"] for r in rows), "uris": len(rows),
-                   "failed": sum(not r["ok"] for r in rows), "origin_bytes": sum(r.get("origin_bytes") or 0 for r in rows)}
-        with self._lock:
-            self._passes += 1
-            self._last_pass = summary
-        return self._identity() | summary | {"rows": rows}
-
-    def _run_loop(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                d = self._desired
-            if d.uris:
-                try:
-                    self._pass(d.uris, d.format)
-                except Exception as e:  # noqa: BLE001 - the loop must outlive any one bad pass
-                    with self._lock:
-                        self._last_pass = {"at": time.time(), "ok": False, "error": f"{type(e).__name__}: {e}"}
-            self._wake.wait(d.interval if d.uris else 3600.0)
-            self._wake.clear()
+        report = self._desired.sync(uris, format)
+        return self._identity() | report
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._desired.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
 
@@ -434,9 +329,7 @@ def warm_via_local_agent(uri: str, format: str = "native", convert_options: dict
     then warms in its own process; the store's lock still makes it one download per node. Library errors
     (NotFound, Unreachable...) are raised as themselves.
     """
-    from .node import _ray, current_node_id
-
-    ray = _ray()
+    ray = ray_if_initialized()
     if ray is None:
         return None
     node_id = current_node_id()
@@ -459,41 +352,68 @@ def warm_via_local_agent(uri: str, format: str = "native", convert_options: dict
         raise
 
 
-def parse_models(text: str) -> list[str]:
-    """A desired set from a models file or PREFETCH_MODELS: URIs separated by newlines or commas; blank lines
-    and `#` comments ignored; duplicates dropped, order kept."""
-    uris: list[str] = []
-    for line in text.splitlines():
-        line = re.split(r"(?:^|\s)#", line, maxsplit=1)[0]   # a comment starts a line or follows a space
-        for part in line.split(","):
-            part = part.strip()
-            if part:
-                uris.append(part)
-    return list(dict.fromkeys(uris))
+# -- the Ray-backed AgentWrapper of the state machine (Serve's ActorProxyWrapper) --------------------------------
+class ActorAgentWrapper(AgentWrapper):
+    """The Ray-backed agent: started or found again by name, polled with ray.wait(timeout=0)."""
 
+    def __init__(self, node_id: str, node_ip: str | None = None):
+        self.node_id, self.node_ip = node_id, node_ip
+        self.info, self.error, self.dead = None, None, False
+        self._handle = get_or_create_agent(node_id)
+        self._pending: dict[str, tuple[Any, float]] = {}
 
-def load_models(models_file: str | os.PathLike | None = None, env: dict[str, str] | Any = None) -> list[str]:
-    """The daemon's desired set: the models file's URIs, then PREFETCH_MODELS's."""
-    from .errors import BadURI
+    @property
+    def actor_id(self) -> str:
+        return compat.actor_handle_id(self._handle)
 
-    env = os.environ if env is None else env
-    uris: list[str] = []
-    if models_file is not None:
-        path = Path(models_file).expanduser()
+    @property
+    def handle(self) -> Any:
+        return self._handle
+
+    def _poll(self, check: str, timeout_s: float) -> tuple[Optional[bool], Any]:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnschedulableError, RayActorError
+
+        if check not in self._pending:
+            self._pending[check] = (getattr(self._handle, check).remote(), time.monotonic())
+        ref, started = self._pending[check]
+        done, _ = ray.wait([ref], timeout=0)
+        if not done:
+            if time.monotonic() - started < timeout_s:
+                return None, None
+            del self._pending[check]
+            self.error = f"no answer to {check} in {timeout_s:.0f}s"
+            return False, None
+        del self._pending[check]
         try:
-            uris += parse_models(path.read_text())
-        except FileNotFoundError:
-            raise BadURI("no such models file", str(path)) from None
-        except OSError as e:
-            raise BadURI(f"cannot read models file: {e.strerror or e}", str(path)) from None
-    uris += parse_models(env.get("PREFETCH_MODELS", "") or "")
-    return list(dict.fromkeys(uris))
+            return True, ray.get(ref)
+        except (ActorDiedError, ActorUnschedulableError) as e:
+            self.dead = True
+            self.error = f"agent died: {one_line(e)}"
+        except RayActorError as e:   # unavailable (restarting): not dead, just not answering
+            self.error = f"agent unavailable: {one_line(e)}"
+        except Exception as e:  # noqa: BLE001
+            self.error = f"{type(e).__name__}: {one_line(e)}"
+        return False, None
 
+    def is_ready(self, timeout_s: float) -> Optional[bool]:
+        answered, value = self._poll("ready", timeout_s)
+        if answered:
+            self.info, self.error = value, None
+        return answered
 
-def validate_uris(uris: Iterable[str]) -> None:
-    """Parse each URI (no network): a typo fails here, on the caller, not on every node."""
-    from .uri import parse
+    def is_healthy(self, timeout_s: float) -> Optional[bool]:
+        answered, value = self._poll("check_health", timeout_s)
+        if answered is None:
+            return None
+        if answered and not value:
+            self.error = "agent's desired-set loop stopped"
+        return bool(answered and value)
 
-    for uri in uris:
-        parse(uri)
+    def kill(self) -> None:
+        import ray
 
+        try:
+            ray.kill(self._handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass

@@ -11,19 +11,24 @@ so a KubeRay container `env:` works), then the default. A label value may hold a
 form of `--labels` (or `add_node(labels=...)`): the `key=value` form and KubeRay's label validation
 follow Kubernetes syntax, which forbids "/". There, use PREFETCH_CACHE_DIR in the container env.
 
-Nothing here imports ray: the functions look at `sys.modules`, so a CLI run (or a library user who
-never touches Ray) pays nothing.
+Also here: the alive nodes of the cluster (`alive_nodes`, for a connected driver or actor).
+
+Nothing here imports ray at import time, and the helpers for "this process" look at `sys.modules`, so a CLI
+run (or a library user who never touches Ray) pays nothing. `ray_if_initialized` is the one "is Ray initialized
+in this process?" check of the package: everything else asks it.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Iterable
 
 CACHE_DIR_LABEL = "prefetch-cache-dir"
 
 
-def _ray():
-    """The ray module if this process already imported and initialized it, else None."""
+def ray_if_initialized():
+    """The ray module if this process already imported and initialized it, else None (never imports ray)."""
     ray = sys.modules.get("ray")
     if ray is None:
         return None
@@ -35,7 +40,7 @@ def _ray():
 
 def in_ray_worker() -> bool:
     """True inside a Ray task or actor (a replica, the agent); False in a driver or without Ray."""
-    ray = _ray()
+    ray = ray_if_initialized()
     if ray is None:
         return False
     try:
@@ -46,7 +51,7 @@ def in_ray_worker() -> bool:
 
 def node_labels() -> dict[str, str]:
     """This process's Ray node labels ({} outside an initialized Ray)."""
-    ray = _ray()
+    ray = ray_if_initialized()
     if ray is None:
         return {}
     try:
@@ -73,10 +78,38 @@ def node_cache_dir() -> Path | None:
 
 
 def current_node_id() -> str | None:
-    ray = _ray()
+    ray = ray_if_initialized()
     if ray is None:
         return None
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return None
+
+
+# -- the cluster's nodes ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    node_ip: str
+    is_head: bool
+    labels: dict
+
+    @property
+    def cache_dir(self) -> str | None:
+        return self.labels.get(CACHE_DIR_LABEL)
+
+
+def alive_nodes() -> list[NodeInfo]:
+    """Alive nodes, head first, then by address (a stable order for tables). Needs a connected process."""
+    import ray
+
+    nodes = [NodeInfo(n["NodeID"], n.get("NodeManagerAddress", ""), "node:__internal_head__" in n.get("Resources", {}),
+                      dict(n.get("Labels") or {}))
+             for n in ray.nodes() if n.get("Alive")]
+    return sorted(nodes, key=lambda n: (not n.is_head, n.node_ip, n.node_id))
+
+
+def node_map(nodes: Iterable[NodeInfo]) -> dict[str, str]:
+    """node_id -> node_ip: what AgentStateManager.update() takes."""
+    return {n.node_id: n.node_ip for n in nodes}
