@@ -111,8 +111,8 @@ def test_byte_size_spellings(text, expected, monkeypatch):
 
 def test_default_cache_dir_is_under_home(tmp_path, monkeypatch):
     """No PREFETCH_CACHE_DIR, no config: ~/.cache/prefetch of this test's own HOME."""
-    home = tmp_path / "home"
-    home.mkdir()
+    home = Path(os.environ["HOME"])          # the test's own HOME (conftest), not the machine's
+    assert home.is_relative_to(tmp_path)
     monkeypatch.delenv("PREFETCH_CACHE_DIR", raising=False)
     monkeypatch.delenv("PREFETCH_CONFIG", raising=False)
     origin = _origin(tmp_path, "m", {"w.bin": b"d" * 100})
