@@ -235,3 +235,20 @@ def test_three_processes_one_conversion(seed_embedded, use_env, cache_dir):
     derived = cache_dir / "derived"
     assert len(list(derived.iterdir())) == 1 and len(list(next(derived.iterdir()).iterdir())) == 1
     assert not list((cache_dir / "staging").iterdir())
+
+
+# -- serving.load_model in every format ----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_serving_load_model_in_a_derived_format_predicts_like_the_trained_net(fmt, torch_mlp, use_env, cache_dir):
+    """The README's `serving.load_model(uri, format=...)`: the converted model, loaded through the serving path,
+    answers like the torch module the test trained (expectation computed by the test, from the net itself)."""
+    import serving
+
+    use_env(torch_mlp["env"])
+    model = serving.load_model(torch_mlp["uri"], format=fmt, session_options={"intra_op_num_threads": 1})
+    try:
+        assert model.format == fmt and model.path.parent.parent == cache_dir / "derived"
+        got = np.asarray(model.predict(torch_mlp["X_test"]))
+        np.testing.assert_allclose(got, torch_mlp["expected"], atol=_default_tolerance(np.abs(torch_mlp["expected"]).max()))
+    finally:
+        model.release()
