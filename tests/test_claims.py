@@ -149,3 +149,28 @@ def test_a_model_of_only_empty_files_is_a_miss_then_a_hit(tmp_path, cache_dir):
                   if p.is_file() and p.name != ".prefetch.json") == ["a.txt", "dir/b.txt"]
     again = cli_json("warm", str(origin))["results"][0]
     assert again["from_cache"] is True and again["path"] == first["path"]
+
+
+# -- plan against a cluster that cannot hold the replicas -------------------------------------------------------
+def test_plan_exits_6_when_the_cluster_cannot_hold_the_replicas(tmp_path, cache_dir):
+    """A real one-node Ray cluster with 300 MiB of `memory` resource; replicas of a 4 MiB model with 100 MiB of
+    overhead each (about 108 MiB a replica at factor 2): 2 fit, 3 do not. Expected counts from that arithmetic."""
+    from ray.cluster_utils import Cluster
+
+    origin = _origin(tmp_path, "m", {"w.bin": os.urandom(4 * MiB)})
+    prefetch.warm(str(origin))
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=1, memory=300 * MiB, object_store_memory=80 * MiB, include_dashboard=False,
+        dashboard_agent_listen_port=harness.free_port()))
+    try:
+        ok = run_cli("plan", str(origin), "--replicas", "2", "--overhead", "100MiB", "--address", cluster.address, "--json")
+        assert ok.returncode == 0, ok.stderr
+        fit = json.loads(ok.stdout)["cluster"]
+        assert fit["reachable"] and fit["fits"] and fit["replicas_fit"] == 2
+        over = run_cli("plan", str(origin), "--replicas", "3", "--overhead", "100MiB", "--address", cluster.address, "--json")
+        assert over.returncode == 6, over.stderr
+        assert json.loads(over.stdout)["cluster"]["fits"] is False
+        human = run_cli("plan", str(origin), "--replicas", "3", "--overhead", "100MiB", "--address", cluster.address)
+        assert human.returncode == 6 and "Traceback" not in human.stderr
+    finally:
+        cluster.shutdown()
