@@ -72,7 +72,7 @@ def warm(uri: str, format: str = "native", *, settings: Settings | None = None, 
             metrics.record_hit()
         resolved = _complete(resolved, manifest)
         path = store.paths.object_dir(resolved.key)
-        warmed = Warmed(path, resolved.key, manifest.bytes, origin_bytes == 0, resolved, "native",
+        warmed = Warmed(path, resolved.key, manifest.bytes, not fetched, resolved, "native",
                         time.monotonic() - started, origin_bytes)
         if format != "native":
             from .convert import ensure_converted

@@ -12,6 +12,8 @@ Servers start lazily, on the first test that asks for them, and live for the ses
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -19,10 +21,18 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray's sessions, sockets and logs in a directory of this run's own, not the machine's /tmp/ray (short: Ray's unix
+# socket paths must stay under 108 bytes). Every cluster the tests start, and their workers, inherit it.
+_RAY_TMP = tempfile.mkdtemp(prefix="pf-ray-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = _RAY_TMP
 
 from tests import harness  # noqa: E402
 
 _ISOLATED_PREFIXES = ("MLFLOW_", "AWS_", "PREFETCH_")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_RAY_TMP, ignore_errors=True)
 
 
 def pytest_configure(config):
@@ -87,10 +97,14 @@ def seed_embedded(embedded):
 # --- per test ------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch, tmp_path):
-    """Each test starts with no MLflow/S3/prefetch settings and its own empty cache dir."""
+    """Each test starts with no MLflow/S3/prefetch/Ray-auth settings, its own HOME (so the machine's
+    ~/.config/prefetch/config.toml and ~/.ray/auth_token never leak in) and its own empty cache dir."""
     for k in list(os.environ):
-        if k.startswith(_ISOLATED_PREFIXES) and k not in harness.models.KEEP_ENV:
+        if (k.startswith(_ISOLATED_PREFIXES) or k.startswith("RAY_AUTH")) and k not in harness.models.KEEP_ENV:
             monkeypatch.delenv(k)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
     cache = tmp_path / "prefetch-cache"
     cache.mkdir()
     monkeypatch.setenv("PREFETCH_CACHE_DIR", str(cache))

@@ -26,6 +26,24 @@ def _load_and_predict(path: Path, X) -> np.ndarray:
     return np.asarray(mlflow.pyfunc.load_model(str(path)).predict(X))
 
 
+def _tree(root: Path) -> dict[str, tuple[int, str]]:
+    """{relative path: (size, sha256)} of every file under root (our manifest left out)."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, sha256_file(p))
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".prefetch.json"}
+
+
+def _mlflow_tree(seed: dict, version: int, tmp_path: Path) -> dict[str, tuple[int, str]]:
+    """What MLflow's own client downloads for a registered version (the independent expectation)."""
+    import mlflow
+
+    dest = tmp_path / f"mlflow-v{version}"
+    if not dest.exists():
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}/{version}", dst_path=str(dest))
+    tree = _tree(dest)
+    tree.pop("registered_model_meta", None)   # written by MLflow's client on a models:/ download, not stored
+    return tree
+
+
 def _uri_forms(seed: dict) -> dict[str, int]:
     """Every registry URI form for the seed model -> the version it must resolve to."""
     v1, v2 = seed["versions"][0], seed["versions"][-1]
@@ -42,28 +60,38 @@ def _uri_forms(seed: dict) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("setup", ["direct", "proxied", "embedded"])
-def test_every_registry_uri_form_in_every_setup(setup, request, use_env, cache_dir, s3):
+def test_every_registry_uri_form_in_every_setup(setup, request, use_env, cache_dir, s3, tmp_path):
     seed = request.getfixturevalue(f"seed_{setup}")
     use_env(seed["env"])
-    keys_by_version: dict[int, set[str]] = {}
+    key_of: dict[str, str] = {}
     for uri, version in _uri_forms(seed).items():
         w = prefetch.warm(uri)
         assert w.path.is_dir() and (w.path / "MLmodel").is_file(), uri
         assert w.path.parent == cache_dir / "objects"
-        keys_by_version.setdefault(version, set()).add(w.key)
+        key_of[uri] = w.key
         if uri.startswith("models:/") and "m-" not in uri:
             assert w.resolved.version == str(version), uri
+        # The cached tree is byte for byte what MLflow's own client downloads for that version (computed
+        # by MLflow, not by us), and the manifest describes exactly those files.
+        expected = _mlflow_tree(seed, version, tmp_path)
+        assert _tree(w.path) == expected, uri
         manifest = json.loads((w.path / ".prefetch.json").read_text())
-        assert all(len(f["sha256"]) == 64 for f in manifest["files"])
-        assert manifest["bytes"] if "bytes" in manifest else sum(f["size"] for f in manifest["files"]) == w.bytes
-    # The same registry version asked for in five spellings is cached once (by model-version key).
-    v1_keys = {k for k in keys_by_version[1] if "-v1--" in k}
-    assert len(v1_keys) == 1
+        assert {f["path"]: (f["size"], f["sha256"]) for f in manifest["files"]} == expected, uri
+        assert w.bytes == sum(size for size, _ in expected.values()), uri
+    # The same registry version asked for in four spellings (number, stage in two cases, alias) is one key.
+    # (m-<id> and runs:/ name the logged model, a key of their own; their bytes were checked above.)
+    registry_spellings = [f"models:/{NAME}/1", f"models:/{NAME}/Production", f"models:/{NAME}/production",
+                          f"models:/{NAME}@stable"]
+    assert len({key_of[u] for u in registry_spellings}) == 1, {u: key_of[u] for u in registry_spellings}
+    # latest and @champion name the newest version the test registered: one key, not version 1's.
+    newest = [f"models:/{NAME}/latest", f"models:/{NAME}@champion"]
+    assert len({key_of[u] for u in newest}) == 1 and key_of[newest[0]] != key_of[registry_spellings[0]]
     # What is cached is the model itself: it loads from the local path and predicts like the registry's.
     w1 = prefetch.warm(f"models:/{NAME}/1")
     np.testing.assert_allclose(_load_and_predict(w1.path, seed["X_test"]), seed["expected"][1])
     w2 = prefetch.warm(f"models:/{NAME}@champion")
-    np.testing.assert_allclose(_load_and_predict(w2.path, seed["X_test"]), seed["expected"][w2.resolved and int(w2.resolved.version)])
+    newest_version = seed["versions"][-1]["version"]        # what the test registered last
+    np.testing.assert_allclose(_load_and_predict(w2.path, seed["X_test"]), seed["expected"][newest_version])
 
 
 def test_storage_uris_s3_and_mlflow_artifacts(seed_direct, seed_proxied, use_env, s3):
@@ -285,7 +313,13 @@ def test_sigkill_mid_download_then_resume(ranged, s3, use_env, cache_dir, tmp_pa
 def test_eight_processes_one_download(seed_direct, s3, use_env, cache_dir):
     use_env(seed_direct["env"])
     uri = f"models:/{NAME}/2"
-    expected = prefetch.resolve(uri)
+    # The expectation comes from the S3 server's own listing of the version's storage, not from our resolver.
+    location = seed_direct["versions"][1]["artifact_location"]
+    bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    listed = [o for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+              for o in page.get("Contents", [])]
+    n_files, n_bytes = len(listed), sum(o["Size"] for o in listed)
+    assert n_files > 1 and n_bytes > 0
     s3.reset_stats()
     procs = [subprocess.Popen([*PREFETCH, "warm", uri, "--json"], env=dict(os.environ), cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
@@ -294,12 +328,12 @@ def test_eight_processes_one_download(seed_direct, s3, use_env, cache_dir):
     results = [json.loads(o[0])["results"][0] for o in outs]
     stats = s3.stats()
     print(f"\n8 processes: origin served {stats['bytes_out']} bytes in {stats['get_requests']} GETs "
-          f"for a {expected.bytes}-byte model of {len(expected.files)} files")
+          f"for a {n_bytes}-byte model of {n_files} files")
     assert len({r["path"] for r in results}) == 1
     assert sum(not r["from_cache"] for r in results) == 1
     # One listing (ListObjectsV2 is a GET) by the one downloader, then every file exactly once.
-    assert stats["get_requests"] == len(expected.files) + 1
-    assert expected.bytes <= stats["bytes_out"] < expected.bytes * 1.2
+    assert stats["get_requests"] == n_files + 1
+    assert n_bytes <= stats["bytes_out"] < n_bytes * 1.2
 
 
 # -- CLI: resolve, ls, verify, rm ----------------------------------------------------------------------------------

@@ -127,4 +127,3 @@ def test_plan_cli_prints_per_replica_and_total(seed_embedded, use_env, cache_dir
     assert_clean_error(run_cli("plan", f"models:/{NAME}/1", "-n", "0"), 2, "--replicas")
     assert_clean_error(run_cli("plan", f"models:/{NAME}/1", "-n", "1", "--overhead", "lots"), 2, "--overhead")
     assert_clean_error(run_cli("plan", "models:/", "-n", "1"), 2)
-    json.dumps(doc)

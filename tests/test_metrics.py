@@ -86,12 +86,31 @@ def test_endpoint_shows_counters_moving(tmp_path, cache_dir, monkeypatch):
         assert delta(m3, m2, "prefetch_cache_misses_total") == 1
         assert m3["prefetch_objects"] == 1 and m3["prefetch_bytes_on_disk"] < 4 * MiB
 
-        metrics.observe_conversion(1.5)            # what the conversion engine reports per conversion
-        m4 = scrape(server.url)
-        assert delta(m4, m3, "prefetch_conversion_seconds_count") == 1
-        assert delta(m4, m3, "prefetch_conversion_seconds_sum") == 1.5
-        assert delta(m4, m3, "prefetch_conversion_seconds_bucket{le=2.5}") == 1
-        assert delta(m4, m3, "prefetch_conversion_seconds_bucket{le=1.0}") == 0
+    finally:
+        server.close()
+
+
+def test_a_real_conversion_moves_the_conversion_histogram(tmp_path, cache_dir):
+    """A real sklearn -> ONNX conversion (not a direct call of the recorder) is counted once, with its time;
+    the second warm of the same format converts nothing and counts nothing."""
+    import mlflow
+    import numpy as np
+    from sklearn.linear_model import LinearRegression
+
+    X = np.random.default_rng(0).normal(size=(50, 4))
+    model_dir = tmp_path / "origin" / "linear"
+    model_dir.parent.mkdir(parents=True)
+    mlflow.sklearn.save_model(LinearRegression().fit(X, X @ np.arange(4.0)), str(model_dir), input_example=X[:5])
+    server = metrics.start_http_server(0, addr="127.0.0.1")
+    try:
+        m0 = scrape(server.url)
+        prefetch.warm(str(model_dir), format="onnx")
+        m1 = scrape(server.url)
+        assert delta(m1, m0, "prefetch_conversion_seconds_count") == 1
+        assert delta(m1, m0, "prefetch_conversion_seconds_sum") > 0
+        assert delta(m1, m0, "prefetch_conversion_seconds_bucket{le=+Inf}") == 1
+        prefetch.warm(str(model_dir), format="onnx")
+        assert delta(scrape(server.url), m1, "prefetch_conversion_seconds_count") == 0
     finally:
         server.close()
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .. import metrics
 from ..errors import ConversionError, NoSpace, UnsupportedFormat
 from ..store import MANIFEST, Manifest, Store, fsync_dir, fsync_tree, sha256_file
 from .runtime import load_derived, read_manifest  # noqa: F401  (re-exported for serving)
@@ -107,7 +108,9 @@ def ensure_converted(warmed, format: str, store: Store, manifest: Manifest, opti
             doc = _committed(dest)      # another process may have converted while we waited
             reused = doc is not None
             if doc is None:
+                started = time.monotonic()
                 doc = _convert(warmed, conv, fid, dest, store, manifest, options)
+                metrics.observe_conversion(time.monotonic() - started)
     if reused:
         _check_against_request(doc, options, uri)
     return dataclasses.replace(warmed, path=dest, format=format, source_path=warmed.path,
