@@ -351,9 +351,8 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only print what wo
                                          "with no live downloader, before it is removed (it could still resume)."),
        as_json: bool = typer.Option(False, "--json")) -> None:
     """Enforce the cache cap now; remove stale staging dirs, dead leases, trash and orphaned derived artifacts."""
-    from . import lifecycle
     from .config import Settings
-    from .store import Store
+    from .store import Store, lifecycle
 
     settings = Settings.load()
     store = Store(settings.cache_dir)
@@ -387,15 +386,15 @@ def pin(target: str = typer.Argument(..., help="A cached key (or unique prefix),
         as_json: bool = typer.Option(False, "--json")) -> None:
     """Keep an object whatever the cap. A URI not cached yet is pinned, then warmed (so nothing can evict it
     once committed); if that warm fails, the pin is taken back and the warm's error is reported."""
-    from . import lifecycle
+    from . import targets
     from .config import Settings
-    from .store import Store
+    from .store import Store, lifecycle
 
     settings = Settings.load()
     store = Store(settings.cache_dir)
     warmed = None
     try:
-        key, uri, cached = lifecycle.key_for(store, settings, target)
+        key, uri, cached = targets.key_for(store, settings, target)
         added = lifecycle.pin(store, key, uri)
         if not cached and uri is not None and warm_first:
             from .api import warm as warm_one
@@ -423,13 +422,13 @@ def pin(target: str = typer.Argument(..., help="A cached key (or unique prefix),
 def unpin(target: str = typer.Argument(..., help="A key (or unique prefix), or the URI it was pinned with."),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Let a pinned object be evicted again (it stays cached until the cap needs its space)."""
-    from . import lifecycle
+    from . import targets
     from .config import Settings
     from .store import Store
 
     settings = Settings.load()
     try:
-        keys = lifecycle.unpin_target(Store(settings.cache_dir), settings, target)
+        keys = targets.unpin_target(Store(settings.cache_dir), settings, target)
     except PrefetchError as e:
         raise _fail(e)
     if as_json:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import prefetch.cluster_liveness  # noqa: F401  (registers the Ray lease-holder hooks: a replica's leases name its actor)
 from prefetch.errors import PrefetchError
 from prefetch.formats import FORMATS  # noqa: F401  (re-exported)
 
@@ -140,7 +141,7 @@ def _warm_via_agent(uri: str, format: str, convert_options: dict | None):
 
 def _acquire_lease(warmed, settings, holder: str | None):
     from prefetch.config import Settings
-    from prefetch.lifecycle import Lease
+    from prefetch.store.lifecycle import Lease
 
     root = (settings or Settings.load()).cache_dir
     return Lease.acquire(root, warmed.key, holder=holder)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConversionError, UnsupportedFormat
-from ..store import MANIFEST
+from ..store.paths import MANIFEST
 
 
 def read_manifest(path: Path) -> dict:
