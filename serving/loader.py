@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import prefetch.cluster_liveness  # noqa: F401  (registers the Ray lease-holder hooks: a replica's leases name its actor)
+import prefetch.cluster_liveness  # noqa: F401  (Ray lease-holder hooks: a replica's leases name its actor)
 from prefetch.errors import PrefetchError
 from prefetch.formats import FORMATS  # noqa: F401  (re-exported)
 

@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..errors import ConversionError, NoSpace, UnsupportedFormat
 from ..store import MANIFEST, Manifest, Store, sha256_file
+from ..store.paths import manifest_in
 from .runtime import load_derived, read_manifest  # noqa: F401  (re-exported for serving)
 
 __all__ = ["ensure_converted", "load_derived", "read_manifest", "flavor_of", "supported_formats", "SUPPORTED", "derived_id"]
@@ -115,7 +116,7 @@ def ensure_converted(warmed, format: str, store: Store, manifest: Manifest, opti
 
 def _committed(dest: Path) -> dict | None:
     try:
-        return json.loads((dest / MANIFEST).read_text())
+        return json.loads(manifest_in(dest).read_text())
     except FileNotFoundError:
         return None
 

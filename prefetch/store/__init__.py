@@ -6,8 +6,8 @@ Imports no ray and nothing of prefetch.sources but its base (FileEntry, the rese
 from __future__ import annotations
 
 from .manifest import Manifest, sha256_file
-from .paths import INFLIGHT, MANIFEST, StorePaths
+from .paths import INFLIGHT, MANIFEST, StorePaths, manifest_in
 from .store import Store, allocated_bytes, apparent_bytes, fsync_dir, fsync_tree
 
 __all__ = ["INFLIGHT", "MANIFEST", "Manifest", "Store", "StorePaths", "allocated_bytes", "apparent_bytes",
-           "fsync_dir", "fsync_tree", "sha256_file"]
+           "fsync_dir", "fsync_tree", "manifest_in", "sha256_file"]

@@ -500,7 +500,8 @@ def gc(store: Store, settings: Settings, *, dry_run: bool = False, staging_age: 
     if root.is_dir():
         for d in sorted(root.iterdir()):
             age = now - _newest_mtime(d)
-            if age < staging_age or _inflight(store, d) is not None or not _lock_free(store, store.paths.staging_lock_name(d.name)):
+            if (age < staging_age or _inflight(store, d) is not None
+                    or not _lock_free(store, store.paths.staging_lock_name(d.name))):
                 continue
             size = allocated_bytes(d)
             if not dry_run:

@@ -19,7 +19,7 @@ import re
 import uuid
 from pathlib import Path
 
-from ..sources.base import MANIFEST  # noqa: F401  (re-exported: the listing rules reserve the name)
+from ..sources.base import MANIFEST  # defined with the listing rules that reserve the name; re-exported
 
 INFLIGHT = ".inflight.json"          # in a staging dir: what is being fetched, by which pid (read by `status`)
 
@@ -30,6 +30,11 @@ _DERIVED_STAGING = re.compile(r"^derived-(?P<key>.+--[0-9a-f]{16})-(?P<fid>.+)\.
 
 def _rand() -> str:
     return uuid.uuid4().hex[:_RAND]
+
+
+def manifest_in(tree: Path) -> Path:
+    """The manifest of an artifact tree: a committed object, a derived dir, or either while still in staging."""
+    return tree / MANIFEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +51,7 @@ class StorePaths:
         return self.objects_root() / key
 
     def manifest(self, key: str) -> Path:
-        return self.object_dir(key) / MANIFEST
+        return manifest_in(self.object_dir(key))
 
     def derived_root(self) -> Path:
         return self.root / "derived"

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 from ..errors import IntegrityError, NotFound
 from .manifest import Manifest, sha256_file
-from .paths import MANIFEST, StorePaths
+from .paths import StorePaths, manifest_in
 
 
 # -- how many bytes a tree holds: two meanings, one helper each ---------------------------------------------------
@@ -76,7 +76,7 @@ def _publish(staging: Path, dest: Path, manifest_text: str, files: Iterable[str]
              theirs_stands: Callable[[OSError], bool]) -> Path:
     """Write the manifest, make the files read-only, fsync, rename staging -> dest, fsync dest's parent.
     A rename refused because someone committed dest first is fine when theirs_stands(error) says so."""
-    (staging / MANIFEST).write_text(manifest_text)
+    manifest_in(staging).write_text(manifest_text)
     for rel in files:
         os.chmod(staging / rel, 0o444)
     fsync_tree(staging)
@@ -217,7 +217,7 @@ class Store:
         try:
             # A rename refused while dest holds a manifest: someone committed this conversion; theirs stands.
             return _publish(staging, dest, json.dumps(doc, indent=1, sort_keys=True),
-                            [f["path"] for f in doc["files"]], lambda e: (dest / MANIFEST).is_file())
+                            [f["path"] for f in doc["files"]], lambda e: manifest_in(dest).is_file())
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
