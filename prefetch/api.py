@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from . import metrics
-from .config import Settings
+from .config import Settings, human_bytes
 from .errors import NoSpace, TransientOrUnreachable
-from .lifecycle import Lease
-from .store import Manifest, Store
+from .store import Manifest, Store, allocated_bytes, lifecycle
+from .store.lifecycle import Lease
 from .transfer import TransferConfig, TransferManager
 from .uri import Resolved, identify, locate, resolve  # noqa: F401  (resolve is re-exported)
 
 Progress = Callable[[int, int], None]   # (bytes done, bytes total), called from worker threads
-INFLIGHT = ".inflight.json"             # in a staging dir: what is being fetched (read by `status`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +101,13 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progr
     wrote_anything = False
     try:
         _ensure_space(store, settings, total, staging, resolved)
-        (staging / INFLIGHT).write_text(json.dumps({"uri": resolved.uri, "key": resolved.key, "bytes": total,
-                                                    "pid": os.getpid(), "started_at": time.time()}))
+        inflight = store.paths.inflight(staging)   # what is being fetched, by whom (read by `status` and gc)
+        inflight.write_text(json.dumps({"uri": resolved.uri, "key": resolved.key, "bytes": total,
+                                        "pid": os.getpid(), "started_at": time.time()}))
         counter = _Counter(total, progress)
         entries = TransferManager(source, TransferConfig.from_settings(settings), [counter]).download(files, staging)
         wrote_anything = True
-        (staging / INFLIGHT).unlink()
+        inflight.unlink()
         manifest = Manifest(
             key=resolved.key, uri=resolved.uri, source=resolved.storage_uri or resolved.uri,
             identity=resolved.identity,
@@ -118,7 +118,7 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progr
     except BaseException as e:
         # A download the origin cut off halfway keeps its staging dir so the next try resumes; anything
         # else (bad listing, no space, integrity, ^C before any byte) leaves nothing behind.
-        if not (isinstance(e, TransientOrUnreachable) and _staged_bytes(staging) > 0) or wrote_anything:
+        if not (isinstance(e, TransientOrUnreachable) and allocated_bytes(staging) > 0) or wrote_anything:
             store.discard_staging(staging)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             # The disk filled outside transfer's own writes (a .part.chunks log, the manifest, a mkdir).
@@ -140,27 +140,15 @@ class _Counter:
             self.progress(done, self.total)
 
 
-def _staged_bytes(staging: Path) -> int:
-    total = 0
-    for dirpath, _d, files in os.walk(staging):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def _ensure_space(store: Store, settings: Settings, needed: int, staging: Path, resolved: Resolved) -> None:
     """Refuse before the first byte when the disk (or the cache cap) cannot take the artifact."""
-    from . import lifecycle
-
-    needed = max(0, needed - _staged_bytes(staging))
+    needed = max(0, needed - allocated_bytes(staging))
     # Evicts LRU objects for the cap and for the disk, or raises NoSpace naming the sizes.
-    lifecycle.make_room(store, settings, needed, protect={resolved.key}, uri=resolved.uri)
+    lifecycle.make_room(store, settings, needed, protect={resolved.key}, uri=resolved.uri,
+                        on_evict=lambda e: metrics.record_eviction(e.bytes))
     free = shutil.disk_usage(store.root).free
     if needed > free:   # the disk shrank between the two looks (another writer): still refuse before any byte
-        raise NoSpace(f"needs {lifecycle.human(needed)}, {lifecycle.human(free)} free on {store.root}", resolved.uri)
+        raise NoSpace(f"needs {human_bytes(needed)}, {human_bytes(free)} free on {store.root}", resolved.uri)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +224,6 @@ def remove(key: str, settings: Settings | None = None) -> tuple[str, int]:
 def list_objects(settings: Settings | None = None) -> list[dict]:
     """What `prefetch ls` shows: one dict per cached object."""
     settings = settings or Settings.load()
-    from . import lifecycle
-
     store = Store(settings.cache_dir)
     pins = lifecycle.pinned_keys(store)
     rows = []
@@ -280,11 +266,12 @@ def pin(target: str, *, warm: bool = True, settings: Settings | None = None,
         progress: Progress | None = None) -> Pinned:
     """Keep an object whatever the cap. A URI not cached yet is pinned first, then warmed (so nothing can evict
     it once committed); if that warm fails, a pin this call added is taken back and the warm's error raised."""
-    from . import lifecycle
+    from . import targets
+    from .store import lifecycle
 
     settings = settings or Settings.load()
     store = Store(settings.cache_dir)
-    key, uri, cached = lifecycle.key_for(store, settings, target)
+    key, uri, cached = targets.key_for(store, settings, target)
     added = lifecycle.pin(store, key, uri)
     warmed = None
     if not cached and uri is not None and warm:
@@ -299,10 +286,10 @@ def pin(target: str, *, warm: bool = True, settings: Settings | None = None,
 
 def unpin(target: str, *, settings: Settings | None = None) -> list[str]:
     """Let what target names (a key, or the URI it was pinned with) be evicted again. Returns the keys unpinned."""
-    from . import lifecycle
+    from . import targets
 
     settings = settings or Settings.load()
-    return lifecycle.unpin_target(Store(settings.cache_dir), settings, target)
+    return targets.unpin_target(Store(settings.cache_dir), settings, target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +317,7 @@ class GcReport:
 def gc(*, dry_run: bool = False, staging_age: float = 3600.0, settings: Settings | None = None) -> GcReport:
     """Enforce the cap now; remove stale staging dirs (untouched for staging_age seconds, no live downloader),
     dead leases, trash and orphaned derived artifacts."""
-    from . import lifecycle
+    from .store import lifecycle
 
     settings = settings or Settings.load()
     store = Store(settings.cache_dir)

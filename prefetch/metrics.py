@@ -55,9 +55,8 @@ class _StoreCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        from . import lifecycle
         from .config import Settings
-        from .store import Store
+        from .store import Store, lifecycle
 
         settings = Settings.load()
         store = Store(_cache_dir or settings.cache_dir)

@@ -25,8 +25,7 @@ from typing import Callable, Sequence
 
 from .config import Settings
 from .errors import NoSpace, PrefetchError, Unreachable
-from .sources import Source, TransientError
-from .store import FileEntry
+from .sources.base import FileEntry, Source, TransientError
 
 # Called from worker threads with a number of bytes now present, and whether they came from the origin just now
 # (False: found on disk from an earlier, interrupted run).

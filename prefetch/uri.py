@@ -18,7 +18,8 @@ from urllib.parse import urlparse
 from . import registry
 from .config import Settings
 from .errors import BadURI, PrefetchError, Unreachable
-from .store import FileEntry, Store
+from .sources.base import FileEntry
+from .store import Store
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 _MODEL_ID = re.compile(r"^m-[A-Za-z0-9]+$")

@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prefetch.cluster import compat as _cluster_compat
 from prefetch.errors import PrefetchError
 from prefetch.formats import FORMATS  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
+_cluster_compat.register_lease_hooks()   # a replica's leases name its Ray actor (checked by other processes)
 
 
 class ModelLoadError(PrefetchError):
@@ -140,7 +142,7 @@ def _warm_via_agent(uri: str, format: str, convert_options: dict | None):
 
 def _acquire_lease(warmed, settings, holder: str | None):
     from prefetch.config import Settings
-    from prefetch.lifecycle import Lease
+    from prefetch.store.lifecycle import Lease
 
     root = (settings or Settings.load()).cache_dir
     return Lease.acquire(root, warmed.key, holder=holder)

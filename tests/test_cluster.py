@@ -354,7 +354,7 @@ def test_daemon_keeps_new_nodes_and_moved_aliases_warm(on_rig, s3):
     gets it, and when the alias moves every node fetches the new version (interval 2 s)."""
     import ray
 
-    from prefetch import lifecycle
+    from prefetch.store import lifecycle
     from prefetch.cluster import get_agent
     from prefetch.cluster import CONTROLLER_NAME
 

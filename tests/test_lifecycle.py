@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import prefetch
-from prefetch import lifecycle
+from prefetch.store import lifecycle
 from prefetch.config import Settings
-from prefetch.lifecycle import Lease
+from prefetch.store.lifecycle import Lease
 from prefetch.store import Store
 from tests.helpers import REPO, assert_clean_error, cli_json, objects_in, run_cli
 
@@ -148,7 +148,7 @@ def test_lease_of_a_killed_process_stops_protecting(tmp_path, cache_dir, cap):
     cap(10 * MiB, low=0.95)
     ka, kb, kc = (warm(make_model(tmp_path, n, 3 * MiB)).key for n in "abc")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom prefetch.lifecycle import Lease\n"
+        [sys.executable, "-c", "import sys, time\nfrom prefetch.store.lifecycle import Lease\n"
          "lease = Lease.acquire(sys.argv[1], sys.argv[2], holder='replica-1')\nprint(lease.path, flush=True)\n"
          "time.sleep(600)\n", str(cache_dir), ka],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -372,12 +372,19 @@ def test_ray_actor_lease_is_checked_with_ray(cache_dir):
     even if its pid were alive (here: a lease file naming our own live pid and the dead actor)."""
     import ray
 
+    from prefetch.cluster.compat import register_lease_hooks
+
+    register_lease_hooks()   # as the agent and serving.loader do
+
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         @ray.remote(num_cpus=0)
         class Holder:
             def take(self, root, key):
-                from prefetch.lifecycle import Lease
+                from prefetch.cluster.compat import register_lease_hooks
+
+                register_lease_hooks()
+                from prefetch.store.lifecycle import Lease
 
                 self.lease = Lease.acquire(root, key, holder="replica")
                 return self.lease.doc

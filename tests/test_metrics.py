@@ -9,7 +9,8 @@ import subprocess
 import urllib.request
 
 import prefetch
-from prefetch import lifecycle, metrics
+from prefetch import metrics
+from prefetch.store import lifecycle
 from prefetch.store import Store
 from tests import harness
 from tests.helpers import PREFETCH, REPO, cli_json

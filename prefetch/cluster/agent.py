@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import threading
 import time
@@ -29,19 +28,20 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from ..config import Settings
 from ..errors import error_fields, one_line
-from ..lifecycle import pid_alive
+from ..store.lifecycle import inflight_downloads
 from ..store import Store
 from . import compat
 from .desired import DesiredSetLoop
 from .node import current_node_id, ray_if_initialized
 from .state import AgentWrapper
 
+compat.register_lease_hooks()   # this agent's leases name its actor
+
 if TYPE_CHECKING:
     from ..api import Warmed
 
 NAMESPACE = "prefetch"
 AGENT_PREFIX = "prefetch-agent-"
-INFLIGHT = ".inflight.json"        # api.INFLIGHT: written by every downloader into its staging dir
 AGENT_MAX_CONCURRENCY = 32         # warms of different URIs, status and the replicas' calls run side by side
 RECENT = 50                        # warms remembered for `status` (memory only: the disk is the real record)
 
@@ -50,47 +50,6 @@ def agent_name(node_id: str) -> str:
     return f"{AGENT_PREFIX}{node_id}"
 
 
-# -- in-flight downloads (any process on this node) ------------------------------------------------------------
-def _allocated(path: Path) -> int:
-    """Bytes really written below path: a ranged download truncates its .part files to full size up front,
-    so st_size overstates progress; allocated blocks do not."""
-    total = 0
-    for dirpath, _d, files in os.walk(path):
-        for f in files:
-            if f == INFLIGHT:
-                continue
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except FileNotFoundError:
-                continue
-            total += min(st.st_size, st.st_blocks * 512)
-    return total
-
-
-def inflight_downloads(store: Store) -> list[dict]:
-    """One row per staging dir that declares a download: uri, key, bytes, done, progress (0..1), pid, alive.
-    `alive` False means a download was cut off (a crash, a kill): the next warm of that key resumes it."""
-    root = store.paths.staging_root()
-    rows = []
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:
-        return rows
-    now = time.time()
-    for d in entries:
-        try:
-            doc = json.loads((d / INFLIGHT).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        total = int(doc.get("bytes") or 0)
-        done = _allocated(d)
-        pid = int(doc.get("pid") or -1)
-        started = doc.get("started_at")
-        rows.append({"uri": doc.get("uri"), "key": doc.get("key"), "bytes": total, "done": done,
-                     "progress": round(min(1.0, done / total), 4) if total else None,
-                     "pid": pid, "alive": pid_alive(pid), "started_at": started,
-                     "seconds": round(now - started, 1) if started else None, "staging": d.name})
-    return rows
 
 
 # -- the actor ---------------------------------------------------------------------------------------------------

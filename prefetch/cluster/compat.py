@@ -112,3 +112,11 @@ def actor_dead(doc: dict) -> bool | None:
     if not info:
         return None
     return info.get("State") == "DEAD"
+
+
+def register_lease_hooks() -> None:
+    """Let the store's lease records name the Ray actor that holds them, and check that actor's liveness
+    (called at import by the Ray-side holders: the node agent and serving.loader)."""
+    from ..store.lifecycle import register_holder_hooks
+
+    register_holder_hooks(identity=actor_identity, probe=actor_dead)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 from ..config import Settings
 from ..errors import BadURI, PrefetchError
-from ..lifecycle import pin, pins, unpin
+from ..store.lifecycle import pin, pins, unpin
 from ..store import Store
 
 WarmRow = Callable[[str, str, Settings], dict]    # (uri, format, settings) -> a row with ok, key, ...

@@ -23,7 +23,8 @@ from typing import Callable
 
 from .. import metrics
 from ..errors import ConversionError, NoSpace, UnsupportedFormat
-from ..store import MANIFEST, Manifest, Store, fsync_dir, fsync_tree, sha256_file
+from ..store import MANIFEST, Manifest, Store, sha256_file
+from ..store.paths import manifest_in
 from .runtime import load_derived, read_manifest  # noqa: F401  (re-exported for serving)
 
 __all__ = ["ensure_converted", "load_derived", "read_manifest", "flavor_of", "supported_formats", "SUPPORTED", "derived_id"]
@@ -104,12 +105,12 @@ def ensure_converted(warmed, format: str, store: Store, manifest: Manifest, opti
     doc = _committed(dest)
     reused = doc is not None
     if doc is None:
-        with store.lock(f"{warmed.key}.{fid}"):
+        with store.lock(store.paths.derived_lock_name(warmed.key, fid)):
             doc = _committed(dest)      # another process may have converted while we waited
             reused = doc is not None
             if doc is None:
                 started = time.monotonic()
-                doc = _convert(warmed, conv, fid, dest, store, manifest, options)
+                doc = _convert(warmed, conv, fid, store, manifest, options)
                 metrics.observe_conversion(time.monotonic() - started)
     if reused:
         _check_against_request(doc, options, uri)
@@ -120,7 +121,7 @@ def ensure_converted(warmed, format: str, store: Store, manifest: Manifest, opti
 
 def _committed(dest: Path) -> dict | None:
     try:
-        return json.loads((dest / MANIFEST).read_text())
+        return json.loads(manifest_in(dest).read_text())
     except FileNotFoundError:
         return None
 
@@ -136,8 +137,7 @@ def _check_against_request(doc: dict, options: dict, uri: str) -> None:
                               f"max abs error {err:.3g}, over the requested tolerance {float(tol):.3g}", uri)
 
 
-def _convert(warmed, conv: Converter, fid: str, dest: Path, store: Store, manifest: Manifest,
-             options: dict) -> dict:
+def _convert(warmed, conv: Converter, fid: str, store: Store, manifest: Manifest, options: dict) -> dict:
     import numpy as np
 
     from . import runtime
@@ -147,11 +147,7 @@ def _convert(warmed, conv: Converter, fid: str, dest: Path, store: Store, manife
     free = shutil.disk_usage(store.root).free
     if free < manifest.bytes:     # a converted model is about the size of the original
         raise NoSpace(f"converting needs about {manifest.bytes} bytes, {free} free on {store.root}", uri)
-    staging = store.paths.new_staging(f"derived-{warmed.key}-{fid}")
-    # Leftovers of a conversion killed midway (we hold its lock, so none is running): nothing resumes them.
-    for stale in staging.parent.glob(f"derived-{warmed.key}-{fid}.*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = store.derived_staging_for(warmed.key, fid)   # we hold its lock: leftovers of a killed one go
     try:
         batch = validation_batch(warmed.path, uri, rows=int(options.get("validation_rows") or 64))
         native = _load_native(warmed.path, uri)
@@ -185,7 +181,7 @@ def _convert(warmed, conv: Converter, fid: str, dest: Path, store: Store, manife
             "created_at": time.time(), "seconds": round(time.monotonic() - started, 3),
             "files": _file_entries(staging),
         }
-        _commit(staging, dest, doc)
+        store.commit_derived(staging, warmed.key, fid, doc)
         return doc
     except ConversionError as e:
         if e.uri is None:
@@ -214,22 +210,6 @@ def _file_entries(staging: Path) -> list[dict]:
             if rel != MANIFEST:
                 entries.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
     return sorted(entries, key=lambda f: f["path"])
-
-
-def _commit(staging: Path, dest: Path, doc: dict) -> None:
-    """Same shape as Store.commit: manifest, read-only files, fsync, one rename. Call with the lock held."""
-    (staging / MANIFEST).write_text(json.dumps(doc, indent=1, sort_keys=True))
-    for f in doc["files"]:
-        os.chmod(staging / f["path"], 0o444)
-    fsync_tree(staging)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(staging, dest)
-    except OSError:
-        if not (dest / MANIFEST).is_file():
-            raise
-        # Someone committed the same conversion without our lock; theirs stands.
-    fsync_dir(dest.parent)
 
 
 def _short(e: BaseException) -> str:

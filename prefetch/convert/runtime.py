@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConversionError, UnsupportedFormat
-from ..store import MANIFEST
+from ..store.paths import MANIFEST, manifest_in
 
 
 def read_manifest(path: Path) -> dict:
     """The derived manifest of a committed (or staged) conversion."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
+        return json.loads(manifest_in(Path(path)).read_text())
     except FileNotFoundError:
         raise ConversionError(f"{path} is not a converted model directory (no {MANIFEST})") from None
 

@@ -1,35 +1,14 @@
 """Origins of artifact bytes. Each module implements one tiny protocol (in the manner of fsspec's
 `open`/`ls`/`info`): list the tree under a root, and read a byte range of one file.
 
-`open_source(storage_uri)` picks the implementation from the URI's scheme.
+`open_source(storage_uri)` picks the implementation from the URI's scheme; what they share is in base.py.
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
-
 from ..config import Settings
-from ..errors import PrefetchError
-from ..store import FileEntry
+from .base import FileEntry, Source, TransientError, read_blocks, safe_relpath
 
-
-class TransientError(PrefetchError):
-    """A failure worth retrying (5xx, timeout, reset connection). The transfer retries it with backoff."""
-
-    exit_code = 4
-
-
-class Source(Protocol):
-    uri: str                 # the storage URI of the artifact root
-    supports_ranges: bool    # read(path, start>0) is cheap (no bytes before start are sent)
-
-    def list(self) -> list[FileEntry]:
-        """Every file under the root, paths relative to it (already checked by safe_relpath)."""
-
-    def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        """Bytes [start, end) of one file, in blocks. Raises TransientError for retryable failures."""
-
-    def identity(self) -> dict:
-        """What identifies the origin itself (endpoint, bucket...), for cache keys."""
+__all__ = ["FileEntry", "Source", "TransientError", "open_source", "read_blocks", "safe_relpath"]
 
 
 def open_source(storage_uri: str, settings: Settings, tracking_uri: str | None = None) -> Source:
@@ -54,15 +33,3 @@ def open_source(storage_uri: str, settings: Settings, tracking_uri: str | None =
 
     return FsspecSource(storage_uri, settings)
 
-
-def read_blocks(stream, start: int, end: int | None, block: int = 1 << 20) -> Iterator[bytes]:
-    """Blocks from a seekable file object, [start, end)."""
-    stream.seek(start)
-    remaining = None if end is None else end - start
-    while remaining is None or remaining > 0:
-        data = stream.read(block if remaining is None else min(block, remaining))
-        if not data:
-            return
-        if remaining is not None:
-            remaining -= len(data)
-        yield data

@@ -9,8 +9,7 @@ from typing import Iterator
 
 from ..config import Settings
 from ..errors import BadURI, NotFound, Unreachable
-from ..store import FileEntry, safe_relpath
-from . import TransientError, read_blocks
+from .base import FileEntry, TransientError, read_blocks, safe_relpath
 
 _ETAG_FIELDS = ("ETag", "etag", "md5Hash", "md5", "content_md5", "generation", "mtime", "LastModified", "created")
 

@@ -7,8 +7,7 @@ from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 from ..errors import IntegrityError, NotFound
-from ..store import FileEntry, safe_relpath
-from . import read_blocks
+from .base import FileEntry, read_blocks, safe_relpath
 
 
 def local_path(uri: str) -> Path:

@@ -12,8 +12,7 @@ from urllib.parse import quote, urlparse
 
 from ..config import Settings
 from ..errors import BadURI, NotFound, Unreachable
-from ..store import FileEntry, safe_relpath
-from . import TransientError
+from .base import FileEntry, TransientError, safe_relpath
 
 ROUTE = "/api/2.0/mlflow-artifacts/artifacts"
 

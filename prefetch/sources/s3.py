@@ -12,8 +12,7 @@ from urllib.parse import urlparse
 
 from ..config import Settings
 from ..errors import NotFound, Unreachable
-from ..store import FileEntry, safe_relpath
-from . import TransientError
+from .base import FileEntry, TransientError, safe_relpath
 
 _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken", "403"}
 _MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}

@@ -1,121 +1,57 @@
 """The node-local store (DESIGN.md: "Node-local store"): the contract every other part relies on.
 
-Shape borrowed from huggingface_hub's file_download: `StorePaths` computes every path and does no I/O;
-`Store` does the I/O. A reader only ever sees complete trees: downloads land in staging/ and are renamed
-into objects/ after their sizes are checked and their manifest is written and fsynced.
+Shape borrowed from huggingface_hub's file_download: `StorePaths` (paths.py) computes every path and does no
+I/O; `Store` does the I/O. A reader only ever sees complete trees: downloads land in staging/ and are renamed
+into objects/ after their sizes are checked and their manifest is written and fsynced; conversions land in
+staging/ too and are renamed into derived/ the same way (commit_derived).
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
-import hashlib
 import json
 import os
-import posixpath
 import shutil
-import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable
 
-from .errors import IntegrityError, NotFound
-
-MANIFEST = ".prefetch.json"
-HASH_BLOCK = 4 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class FileEntry:
-    """One file of an artifact tree: a path relative to the artifact root, its size, and what the origin
-    says identifies its content (etag, mtime...), used only to compute keys for mutable origins."""
-
-    path: str
-    size: int
-    etag: str | None = None
-    sha256: str | None = None
+from ..errors import IntegrityError, NotFound
+from .manifest import Manifest, sha256_file
+from .paths import StorePaths, manifest_in
 
 
-def safe_relpath(path: str, uri: str | None = None) -> str:
-    """A listing's path, checked to stay inside its artifact dir: no absolute paths, no `..`, no NUL."""
-    if not path or "\x00" in path or path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
-        raise IntegrityError(f"artifact listing has an unsafe path {path!r} (absolute or empty)", uri)
-    parts = path.replace("\\", "/").split("/")
-    if any(p == ".." for p in parts):
-        raise IntegrityError(f"artifact listing has an unsafe path {path!r} (contains '..')", uri)
-    norm = posixpath.normpath(path.replace("\\", "/"))
-    if norm in (".", "") or norm.startswith("../"):
-        raise IntegrityError(f"artifact listing has an unsafe path {path!r}", uri)
-    if norm == MANIFEST:
-        raise IntegrityError(f"artifact listing has a reserved path {path!r}", uri)
-    return norm
+# -- how many bytes a tree holds: two meanings, one helper each ---------------------------------------------------
+def apparent_bytes(path: Path) -> int:
+    """The sum of the files' sizes below path (what a listing says; what `rm` reports as freed)."""
+    total = 0
+    for dirpath, _d, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+def allocated_bytes(path: Path, skip: Iterable[str] = ()) -> int:
+    """Bytes really written below path: a ranged download truncates its .part files to their final size up front,
+    so a sparse file counts only the blocks it holds (never more than its size). Files named in `skip` are left
+    out (e.g. the in-flight record, when measuring a download's progress)."""
+    skip = frozenset(skip)
+    total = 0
+    for dirpath, _d, files in os.walk(path):
+        for f in files:
+            if f in skip:
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except FileNotFoundError:
+                continue
+            total += min(st.st_size, st.st_blocks * 512)
+    return total
 
 
-@dataclasses.dataclass
-class Manifest:
-    key: str
-    uri: str                      # what the user asked for, first time
-    source: str                   # the immutable storage location the bytes came from
-    identity: dict                # what the key is a hash of
-    resolved: dict                # name / version / run_id / model_id ...
-    files: list[FileEntry]
-    created_at: float
-    version: int = 1
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def to_json(self) -> str:
-        d = dataclasses.asdict(self)
-        d["files"] = [{k: v for k, v in dataclasses.asdict(f).items() if v is not None} for f in self.files]
-        return json.dumps(d, indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        d = json.loads(text)
-        d["files"] = [FileEntry(**f) for f in d["files"]]
-        return cls(**d)
-
-
-@dataclasses.dataclass(frozen=True)
-class StorePaths:
-    """Path arithmetic for the store, in one place. No I/O."""
-
-    root: Path
-
-    def object_dir(self, key: str) -> Path:
-        return self.root / "objects" / key
-
-    def manifest(self, key: str) -> Path:
-        return self.object_dir(key) / MANIFEST
-
-    def derived_dir(self, key: str, format_id: str) -> Path:
-        return self.root / "derived" / key / format_id
-
-    def ref(self, ref_id: str) -> Path:
-        return self.root / "refs" / f"{ref_id}.json"
-
-    def staging_root(self) -> Path:
-        return self.root / "staging"
-
-    def new_staging(self, key: str) -> Path:
-        return self.staging_root() / f"{key}.{uuid.uuid4().hex[:8]}"
-
-    def lock(self, key: str) -> Path:
-        return self.root / "locks" / f"{key}.lock"
-
-    def trash(self) -> Path:
-        return self.root / "trash"
-
-
+# -- durability ------------------------------------------------------------------------------------------------
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory below root, so a rename publishes durable bytes."""
     for dirpath, _dirs, files in os.walk(root):
@@ -134,6 +70,24 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _publish(staging: Path, dest: Path, manifest_text: str, files: Iterable[str],
+             theirs_stands: Callable[[OSError], bool]) -> Path:
+    """Write the manifest, make the files read-only, fsync, rename staging -> dest, fsync dest's parent.
+    A rename refused because someone committed dest first is fine when theirs_stands(error) says so."""
+    manifest_in(staging).write_text(manifest_text)
+    for rel in files:
+        os.chmod(staging / rel, 0o444)
+    fsync_tree(staging)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(staging, dest)
+    except OSError as e:
+        if not theirs_stands(e):
+            raise
+    fsync_dir(dest.parent)
+    return dest
 
 
 class Store:
@@ -168,10 +122,10 @@ class Store:
             return 0.0
 
     def keys(self) -> list[str]:
-        objects = self.root / "objects"
+        objects = self.paths.objects_root()
         if not objects.is_dir():
             return []
-        return sorted(p.name for p in objects.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in objects.iterdir() if self.paths.manifest(p.name).is_file())
 
     def manifests(self) -> list[Manifest]:
         return [m for k in self.keys() if (m := self.lookup(k, touch=False)) is not None]
@@ -189,20 +143,17 @@ class Store:
         raise NotFound(f"key prefix is ambiguous ({len(matches)} objects match)", prefix)
 
     def used_bytes(self) -> int:
-        total = 0
-        for sub in ("objects", "derived", "staging"):
-            base = self.root / sub
-            if base.is_dir():
-                for dirpath, _d, files in os.walk(base):
-                    total += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in files)
-        return total
+        """Apparent bytes of objects, derived artifacts and staging (what `status` shows as used)."""
+        return sum(apparent_bytes(base) for base in
+                   (self.paths.objects_root(), self.paths.derived_root(), self.paths.staging_root()))
 
     # -- writing -----------------------------------------------------------------------------------
-    def lock(self, key: str, timeout: float = -1):
-        """Cross-process single flight: one download per key per node; everyone else waits."""
+    def lock(self, name: str, timeout: float = -1):
+        """Cross-process single flight: one download per key (one conversion per key and format id) per node;
+        everyone else waits."""
         from filelock import FileLock  # imported here: a cache hit never needs it
 
-        path = self.paths.lock(key)
+        path = self.paths.lock(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(path), timeout=timeout)
 
@@ -211,13 +162,23 @@ class Store:
         so its .part files resume; extra leftovers are removed."""
         root = self.paths.staging_root()
         root.mkdir(parents=True, exist_ok=True)
-        leftovers = sorted(root.glob(f"{key}.*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        leftovers = sorted(root.glob(self.paths.staging_glob(key)), key=lambda p: p.stat().st_mtime, reverse=True)
         for extra in leftovers[1:]:
             shutil.rmtree(extra, ignore_errors=True)
         if leftovers:
             return leftovers[0]
         path = self.paths.new_staging(key)
         path.mkdir()
+        return path
+
+    def derived_staging_for(self, key: str, format_id: str) -> Path:
+        """A fresh staging dir for converting key to format_id. Call with that conversion's lock held: the
+        leftovers of a conversion killed midway are removed (nothing resumes them)."""
+        root = self.paths.staging_root()
+        for stale in root.glob(self.paths.derived_staging_glob(key, format_id)):
+            shutil.rmtree(stale, ignore_errors=True)
+        path = self.paths.new_derived_staging(key, format_id)
+        path.mkdir(parents=True)
         return path
 
     def discard_staging(self, staging: Path) -> None:
@@ -239,20 +200,24 @@ class Store:
                     )
             for stray in staging.rglob("*.part*"):
                 stray.unlink()
-            (staging / MANIFEST).write_text(manifest.to_json())
-            fsync_tree(staging)
-            for f in manifest.files:
-                os.chmod(staging / f.path, 0o444)
-            dest = self.paths.object_dir(manifest.key)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(staging, dest)
-            except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                # Someone committed the same key without our lock (e.g. a repair); theirs stands.
-            fsync_dir(dest.parent)
-            return dest
+            # A rename refused because the key exists: someone committed it without our lock (e.g. a repair);
+            # theirs stands.
+            return _publish(staging, self.paths.object_dir(manifest.key), manifest.to_json(),
+                            [f.path for f in manifest.files],
+                            lambda e: e.errno in (errno.ENOTEMPTY, errno.EEXIST))
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def commit_derived(self, staging: Path, key: str, format_id: str, doc: dict) -> Path:
+        """Publish a validated conversion: staging -> derived/<key>/<format_id>/, with doc as its manifest
+        (doc["files"]: [{path, size, sha256}]). Same steps as commit; call with the conversion's lock held.
+        The staging dir is gone afterwards whatever happens."""
+        dest = self.paths.derived_dir(key, format_id)
+        try:
+            # A rename refused while dest holds a manifest: someone committed this conversion; theirs stands.
+            return _publish(staging, dest, json.dumps(doc, indent=1, sort_keys=True),
+                            [f["path"] for f in doc["files"]], lambda e: manifest_in(dest).is_file())
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -261,7 +226,7 @@ class Store:
         """Swap a repaired tree in for an existing object (lock held). If the new tree fails its checks,
         the old one is put back."""
         old = self.paths.object_dir(key)
-        trash = self.paths.trash() / f"{key}.{uuid.uuid4().hex[:8]}"
+        trash = self.paths.new_trash(key)
         trash.parent.mkdir(parents=True, exist_ok=True)
         if old.exists():
             os.rename(old, trash)
@@ -275,13 +240,13 @@ class Store:
         return dest
 
     def remove(self, key: str) -> int:
-        """Remove an object and what was derived from it; returns bytes freed."""
+        """Remove an object and what was derived from it; returns bytes freed (apparent)."""
         freed = 0
         with self.lock(key):
-            for path in (self.paths.object_dir(key), self.root / "derived" / key):
+            for path in (self.paths.object_dir(key), self.paths.derived_key_dir(key)):
                 if path.exists():
-                    freed += _tree_bytes(path)
-                    trash = self.paths.trash() / f"{key}.{uuid.uuid4().hex[:8]}"
+                    freed += apparent_bytes(path)
+                    trash = self.paths.new_trash(key)
                     trash.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(path, trash)  # atomic disappearance, then the slow delete
                     shutil.rmtree(trash, ignore_errors=True)
@@ -314,20 +279,3 @@ class Store:
             if not p.is_file() or p.stat().st_size != f.size or (f.sha256 and sha256_file(p) != f.sha256):
                 bad.append(f.path)
         return bad
-
-
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _d, files in os.walk(path):
-        total += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in files)
-    return total
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    for dirpath, _d, files in os.walk(root):
-        for name in files:
-            yield Path(dirpath) / name
-
-
-def now() -> float:
-    return time.time()

@@ -10,11 +10,14 @@ Rules:
   about to write). Pins and leases may name keys that are not cached yet: pinning or leasing *before* warming
   is how a caller closes the window between "committed" and "protected".
 - A lease counts while its holder lives: same host -> the pid exists, is not a zombie, and started when the
-  lease says (pid reuse); a Ray actor -> also not DEAD in the GCS (asked only when ray is already initialized in
-  this process). A lease written on another host cannot be checked and keeps counting (conservative).
+  lease says (pid reuse); and a registered probe (register_holder_hooks: the cluster layer's Ray actor check)
+  does not know it dead. A lease written on another host cannot be checked and keeps counting (conservative).
 - Eviction takes the victim's lock without waiting (a warm or a repair of that key is in progress: skip it),
   moves the object and derived/<key> to trash/, looks at the leases again, and puts everything back if a lease
   appeared meanwhile. A reader therefore either sees its lease honoured or finds the object gone and warms again.
+
+Every path comes from StorePaths (paths.py). This module imports no ray and no metrics: eviction returns what it
+freed, and its callers count it.
 """
 from __future__ import annotations
 
@@ -24,19 +27,16 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
-from .config import Settings
-from .config import human_bytes as human
-from .errors import NoSpace
-from .store import Store
-
-INFLIGHT = ".inflight.json"   # same name as api.INFLIGHT (api imports us lazily; no import cycle here)
-_DERIVED_STAGING = re.compile(r"^derived-(?P<key>.+--[0-9a-f]{16})-(?P<fid>.+)\.[0-9a-f]{8}$")
+from ..config import Settings
+from ..config import human_bytes as human
+from ..errors import NoSpace
+from .paths import INFLIGHT
+from .store import Store, allocated_bytes
 
 
 def _store(store: Store | Path | str) -> Store:
@@ -75,38 +75,41 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
     return start is None or started == start
 
 
-def _ray_actor_state() -> tuple[str | None, str | None]:
-    """(actor id, node id) when called inside a Ray actor; never imports ray itself."""
-    ray = sys.modules.get("ray")
+# -- who holds a lease, beyond host and pid: hooks the cluster layer registers -----------------------------------
+_identity: Callable[[], dict] | None = None
+_probe: Callable[[dict], bool | None] | None = None
+
+
+def register_holder_hooks(identity: Callable[[], dict] | None = None,
+                          probe: Callable[[dict], bool | None] | None = None) -> None:
+    """Let the layer above describe and check lease holders this module cannot (e.g. a Ray actor).
+
+    identity() returns extra fields stored in each lease doc written by this process; probe(doc) says whether a
+    lease's holder is known dead (True), alive (False) or cannot tell (None: host and pid decide). Replaces both
+    hooks; None means no hook (a lease is then judged by its host and pid alone)."""
+    global _identity, _probe
+    _identity, _probe = identity, probe
+
+
+def _holder_identity() -> dict:
+    if _identity is None:
+        return {}
     try:
-        if ray is None or not ray.is_initialized():
-            return None, None
-        ctx = ray.get_runtime_context()
-        return ctx.get_actor_id(), ctx.get_node_id()
-    except Exception:  # noqa: BLE001 - liveness metadata is best effort
-        return None, None
+        return dict(_identity())
+    except Exception:  # noqa: BLE001 - holder metadata is best effort; the lease itself must be taken
+        return {}
 
 
-def _ray_actor_dead(actor_id: str) -> bool | None:
-    """True/False when this process is connected to Ray and the GCS knows the actor; None otherwise.
-    Uses the GCS actor table (ray._private.state) because the public state API needs the dashboard."""
-    ray = sys.modules.get("ray")
+def _probe_dead(doc: dict) -> bool:
     try:
-        if ray is None or not ray.is_initialized():
-            return None
-        from ray._private import state
-
-        info = state.actors(actor_id=actor_id)
-    except Exception:  # noqa: BLE001 - another cluster, a disconnected worker: fall back to the pid
-        return None
-    if not info:
-        return None
-    return info.get("State") == "DEAD"
+        return _probe(doc) is True
+    except Exception:  # noqa: BLE001 - a probe that cannot tell leaves the verdict to host and pid
+        return False
 
 
 def holder_alive(doc: dict) -> bool:
-    """Does the process (or Ray actor) that wrote this lease still live?"""
-    if doc.get("actor_id") and _ray_actor_dead(doc["actor_id"]) is True:
+    """Does the process (or, with a probe registered, the actor) that wrote this lease still live?"""
+    if _probe is not None and _probe_dead(doc):
         return False
     if doc.get("host") != _hostname():
         return True                              # cannot check a pid on another host: keep counting it
@@ -114,10 +117,6 @@ def holder_alive(doc: dict) -> bool:
 
 
 # -- leases ----------------------------------------------------------------------------------------------------
-def _lease_dir(store: Store, key: str) -> Path:
-    return store.root / "leases" / key
-
-
 class Lease:
     """A live process's claim on an object: while it holds one, the object is not evicted.
 
@@ -134,24 +133,22 @@ class Lease:
     @classmethod
     def acquire(cls, store_root: Path | str | Store, key: str, holder: str | None = None) -> "Lease":
         store = _store(store_root)
-        actor_id, node_id = _ray_actor_state()
         stat = _proc_stat(os.getpid())
-        doc = {"key": key, "pid": os.getpid(), "host": _hostname(), "holder": holder, "created_at": time.time(),
-               "pid_start": stat[1] if stat else None, "actor_id": actor_id, "node_id": node_id}
-        name = f"{_hostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        directory = _lease_dir(store, key)
+        doc = {**_holder_identity(), "key": key, "pid": os.getpid(), "host": _hostname(), "holder": holder,
+               "created_at": time.time(), "pid_start": stat[1] if stat else None}
+        path = store.paths.new_lease(key, _hostname(), os.getpid())
         for attempt in range(5):   # gc may remove an empty lease dir between our mkdir and our write
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / f".{name}.tmp"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
             try:
                 tmp.write_text(json.dumps(doc, sort_keys=True))
-                os.replace(tmp, directory / name)
+                os.replace(tmp, path)
                 break
             except FileNotFoundError:
                 if attempt == 4:
                     raise
         store.touch(key)   # being loaded is being used (LRU)
-        return cls(directory / name, key, doc)
+        return cls(path, key, doc)
 
     def release(self) -> None:
         """Drop the claim. Idempotent."""
@@ -178,7 +175,7 @@ class Lease:
 
 
 def _read_leases(store: Store, key: str) -> list[dict]:
-    directory = _lease_dir(store, key)
+    directory = store.paths.lease_dir(key)
     out = []
     try:
         paths = sorted(directory.glob("*.json"))
@@ -194,14 +191,15 @@ def _read_leases(store: Store, key: str) -> list[dict]:
 
 
 def active_leases(store: Store | Path | str, key: str) -> list[dict]:
-    """The leases on key whose holder is alive (each: pid, host, holder, created_at, actor_id, path)."""
+    """The leases on key whose holder is alive (each: pid, host, holder, created_at, path, and what the
+    identity hook added, e.g. actor_id)."""
     return [d for d in _read_leases(_store(store), key) if holder_alive(d)]
 
 
 def dead_leases(store: Store | Path | str) -> list[dict]:
     """Leases, on any key, whose holder is gone (what `gc` removes)."""
     store = _store(store)
-    root = store.root / "leases"
+    root = store.paths.leases_root()
     if not root.is_dir():
         return []
     return [d for sub in sorted(root.iterdir()) if sub.is_dir()
@@ -210,21 +208,17 @@ def dead_leases(store: Store | Path | str) -> list[dict]:
 
 def leased_keys(store: Store | Path | str) -> set[str]:
     store = _store(store)
-    root = store.root / "leases"
+    root = store.paths.leases_root()
     if not root.is_dir():
         return set()
     return {sub.name for sub in root.iterdir() if sub.is_dir() and active_leases(store, sub.name)}
 
 
 # -- pins ------------------------------------------------------------------------------------------------------
-def _pin_path(store: Store, key: str) -> Path:
-    return store.root / "pins" / f"{key}.json"
-
-
 def pin(store: Store | Path | str, key: str, uri: str | None = None) -> bool:
     """Keep key whatever the cap (it may be pinned before it is cached). Returns False if it already was."""
     store = _store(store)
-    path = _pin_path(store, key)
+    path = store.paths.pin(key)
     if path.exists():
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,47 +231,34 @@ def pin(store: Store | Path | str, key: str, uri: str | None = None) -> bool:
 def unpin(store: Store | Path | str, key: str) -> bool:
     """Let key be evicted again. Returns False if it was not pinned."""
     try:
-        _pin_path(_store(store), key).unlink()
+        _store(store).paths.pin(key).unlink()
         return True
     except FileNotFoundError:
         return False
 
 
 def pinned_keys(store: Store | Path | str) -> set[str]:
-    root = _store(store).root / "pins"
+    paths = _store(store).paths
+    root = paths.pins_root()
     if not root.is_dir():
         return set()
-    return {p.name[: -len(".json")] for p in root.glob("*.json") if not p.name.startswith(".")}
+    return {key for p in root.glob("*.json") if (key := paths.pin_key(p)) is not None}
 
 
 def is_pinned(store: Store | Path | str, key: str) -> bool:
-    return _pin_path(_store(store), key).exists()
+    return _store(store).paths.pin(key).exists()
 
 
 # -- usage -----------------------------------------------------------------------------------------------------
-def tree_bytes(path: Path) -> int:
-    """Bytes a tree occupies: its files' sizes, except that a sparse file (a ranged download's .part, truncated
-    to its final size up front) counts only the blocks it really holds, like api._staged_bytes does."""
-    total = 0
-    for dirpath, _d, files in os.walk(path):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except FileNotFoundError:
-                continue
-            total += min(st.st_size, st.st_blocks * 512)
-    return total
-
-
 def object_bytes(store: Store, key: str) -> int:
     """What evicting key frees: the object and everything derived from it."""
-    return tree_bytes(store.paths.object_dir(key)) + tree_bytes(store.root / "derived" / key)
+    return allocated_bytes(store.paths.object_dir(key)) + allocated_bytes(store.paths.derived_key_dir(key))
 
 
-def _inflight(staging: Path) -> dict | None:
+def _inflight(store: Store, staging: Path) -> dict | None:
     """The in-flight record of a staging dir whose downloader is alive, else None."""
     try:
-        doc = json.loads((staging / INFLIGHT).read_text())
+        doc = json.loads(store.paths.inflight(staging).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return doc if pid_alive(int(doc.get("pid", -1))) else None
@@ -304,15 +285,41 @@ def usage(store: Store | Path | str, exclude: Iterable[str] = ()) -> Usage:
     root = store.paths.staging_root()
     if root.is_dir():
         for d in root.iterdir():
-            here = tree_bytes(d)
+            here = allocated_bytes(d)
             staging_bytes += here
-            doc = _inflight(d)
+            doc = _inflight(store, d)
             if doc is not None:
                 inflight += 1
                 if doc.get("key") not in exclude:
                     reserved += max(0, int(doc.get("bytes", 0)) - here)
-    return Usage(tree_bytes(store.root / "objects"), tree_bytes(store.root / "derived"), staging_bytes, reserved,
-                 inflight)
+    return Usage(allocated_bytes(store.paths.objects_root()), allocated_bytes(store.paths.derived_root()),
+                 staging_bytes, reserved, inflight)
+
+
+def inflight_downloads(store: Store) -> list[dict]:
+    """One row per staging dir that declares a download: uri, key, bytes, done, progress (0..1), pid, alive.
+    `alive` False means a download was cut off (a crash, a kill): the next warm of that key resumes it."""
+    root = store.paths.staging_root()
+    rows = []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return rows
+    now = time.time()
+    for d in entries:
+        try:
+            doc = json.loads(store.paths.inflight(d).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        total = int(doc.get("bytes") or 0)
+        done = allocated_bytes(d, skip=(INFLIGHT,))   # the bytes of the download, not of its record
+        pid = int(doc.get("pid") or -1)
+        started = doc.get("started_at")
+        rows.append({"uri": doc.get("uri"), "key": doc.get("key"), "bytes": total, "done": done,
+                     "progress": round(min(1.0, done / total), 4) if total else None,
+                     "pid": pid, "alive": pid_alive(pid), "started_at": started,
+                     "seconds": round(now - started, 1) if started else None, "staging": d.name})
+    return rows
 
 
 # -- eviction --------------------------------------------------------------------------------------------------
@@ -338,7 +345,7 @@ def candidates(store: Store, protect: Iterable[str] = ()) -> list[Candidate]:
 
 def evict(store: Store, key: str) -> int | None:
     """Remove one object and its derived artifacts if nobody holds it. Returns bytes freed, or None if skipped
-    (its lock is busy, or it is pinned or leased)."""
+    (its lock is busy, or it is pinned or leased). The caller counts it (metrics.record_eviction)."""
     from filelock import Timeout
 
     lock = store.lock(key, timeout=0)
@@ -353,9 +360,9 @@ def evict(store: Store, key: str) -> int | None:
         moved: list[tuple[Path, Path]] = []
         trash_root = store.paths.trash()
         trash_root.mkdir(parents=True, exist_ok=True)
-        for path in (store.paths.object_dir(key), store.root / "derived" / key):
+        for path in (store.paths.object_dir(key), store.paths.derived_key_dir(key)):
             if path.exists():
-                trash = trash_root / f"{key}.{uuid.uuid4().hex[:8]}"
+                trash = store.paths.new_trash(key)
                 os.rename(path, trash)            # atomic disappearance; the slow delete comes after
                 moved.append((path, trash))
         if is_pinned(store, key) or active_leases(store, key):
@@ -366,9 +373,6 @@ def evict(store: Store, key: str) -> int | None:
             shutil.rmtree(trash, ignore_errors=True)
     finally:
         lock.release()
-    from . import metrics
-
-    metrics.record_eviction(size)
     return size
 
 
@@ -385,13 +389,16 @@ class Eviction:
 
 
 def make_room(store: Store, settings: Settings, needed: int, protect: set[str], *, uri: str | None = None,
-              dry_run: bool = False, strict: bool = True) -> list[Eviction]:
+              dry_run: bool = False, strict: bool = True,
+              on_evict: Callable[[Eviction], None] | None = None) -> list[Eviction]:
     """Make `needed` more bytes fit, before any byte of them is written.
 
     Cap (settings.max_bytes): when used + needed would pass max_bytes * high_watermark, evict LRU candidates
     down to max_bytes * low_watermark - needed. Disk: when the filesystem's free space (minus what other live
     downloads still have to write) cannot take `needed`, evict more. If even evicting every candidate cannot
     make it fit, nothing is evicted and NoSpace says why (strict; `gc` passes strict=False to evict what it can).
+    on_evict is called at once for each object really evicted (how the caller counts evictions in its metrics,
+    including those done before a NoSpace).
     """
     usage_now = usage(store, exclude=protect)
     used = usage_now.total
@@ -432,6 +439,8 @@ def make_room(store: Store, settings: Settings, needed: int, protect: set[str], 
         if got is not None:
             done.append(Eviction(c.key, got, c.last_used, c.uri, True))
             freed += got
+            if on_evict is not None:
+                on_evict(done[-1])
     if strict and not dry_run and freed < goal:
         after = usage(store, exclude=protect).total
         free_after = shutil.disk_usage(store.root).free - usage_now.reserved
@@ -478,28 +487,23 @@ def _lock_free(store: Store, lock_name: str) -> bool:
     return True
 
 
-def _staging_lock_name(name: str) -> str:
-    m = _DERIVED_STAGING.match(name)
-    if m:
-        return f"{m['key']}.{m['fid']}"   # a conversion in progress locks "<key>.<format id>"
-    return name.rsplit(".", 1)[0]         # a download locks "<key>"
-
-
-def gc(store: Store, settings: Settings, *, dry_run: bool = False, staging_age: float = 3600.0) -> list[GcAction]:
+def gc(store: Store, settings: Settings, *, dry_run: bool = False, staging_age: float = 3600.0,
+       on_evict: Callable[[Eviction], None] | None = None) -> list[GcAction]:
     """Enforce the cap now; drop stale staging dirs, dead leases, trash leftovers and orphaned derived dirs."""
     actions: list[GcAction] = []
     now = time.time()
 
-    for e in make_room(store, settings, 0, set(), dry_run=dry_run, strict=False):
+    for e in make_room(store, settings, 0, set(), dry_run=dry_run, strict=False, on_evict=on_evict):
         actions.append(GcAction("evict", e.key, e.bytes, e.done, e.uri or ""))
 
     root = store.paths.staging_root()
     if root.is_dir():
         for d in sorted(root.iterdir()):
             age = now - _newest_mtime(d)
-            if age < staging_age or _inflight(d) is not None or not _lock_free(store, _staging_lock_name(d.name)):
+            if (age < staging_age or _inflight(store, d) is not None
+                    or not _lock_free(store, store.paths.staging_lock_name(d.name))):
                 continue
-            size = tree_bytes(d)
+            size = allocated_bytes(d)
             if not dry_run:
                 shutil.rmtree(d, ignore_errors=True)
             actions.append(GcAction("staging", str(d), size, not dry_run, f"untouched for {age / 60:.0f} min"))
@@ -509,7 +513,7 @@ def gc(store: Store, settings: Settings, *, dry_run: bool = False, staging_age: 
             Path(doc["path"]).unlink(missing_ok=True)
         actions.append(GcAction("lease", doc["key"], 0, not dry_run,
                                 f"holder {doc.get('holder') or ''} pid {doc.get('pid')} on {doc.get('host')} is gone"))
-    leases_root = store.root / "leases"
+    leases_root = store.paths.leases_root()
     if leases_root.is_dir() and not dry_run:
         for sub in leases_root.iterdir():
             try:
@@ -520,14 +524,14 @@ def gc(store: Store, settings: Settings, *, dry_run: bool = False, staging_age: 
     trash = store.paths.trash()
     if trash.is_dir():
         for t in sorted(trash.iterdir()):
-            if not _lock_free(store, t.name.rsplit(".", 1)[0]):
+            if not _lock_free(store, store.paths.trash_key(t.name)):
                 continue                  # an eviction or rm of that key is in progress (and may restore it)
-            size = tree_bytes(t)
+            size = allocated_bytes(t)
             if not dry_run:
                 shutil.rmtree(t, ignore_errors=True)
             actions.append(GcAction("trash", str(t), size, not dry_run))
 
-    derived = store.root / "derived"
+    derived = store.paths.derived_root()
     if derived.is_dir():
         keep = pinned_keys(store)
         for d in sorted(derived.iterdir()):
@@ -536,36 +540,17 @@ def gc(store: Store, settings: Settings, *, dry_run: bool = False, staging_age: 
                 continue
             if not _lock_free(store, key):
                 continue
-            size = tree_bytes(d)
+            size = allocated_bytes(d)
             if not dry_run:
                 shutil.rmtree(d, ignore_errors=True)
             actions.append(GcAction("derived-orphan", key, size, not dry_run, "its source object is gone"))
     return actions
 
 
-# -- naming things on the command line -------------------------------------------------------------------------
-def key_for(store: Store, settings: Settings, target: str) -> tuple[str, str | None, bool]:
-    """(key, uri or None, cached) for what a user typed: a key or unique key prefix among cached and pinned keys,
-    else a URI (resolved with uri.identify: no network for pinned registry versions)."""
-    from .errors import BadURI
-    from .uri import identify
-
-    if ":" not in target and "/" not in target:
-        known = set(store.keys()) | pinned_keys(store)
-        if target in known:
-            return target, None, store.paths.manifest(target).exists()
-        matches = sorted(k for k in known if k.startswith(target))
-        if len(matches) > 1 and not Path(target).exists():
-            raise BadURI(f"key prefix is ambiguous ({len(matches)} keys match)", target)
-        if len(matches) == 1 and not Path(target).exists():
-            return matches[0], None, store.paths.manifest(matches[0]).exists()
-    resolved = identify(target, settings, store)
-    return resolved.key, target, store.paths.manifest(resolved.key).exists()
-
-
+# -- the pin records ---------------------------------------------------------------------------------------------
 def pins(store: Store | Path | str) -> list[dict]:
     """Every pin: key, uri (as given when pinned, may be None), pinned_at."""
-    root = _store(store).root / "pins"
+    root = _store(store).paths.pins_root()
     out = []
     for p in sorted(root.glob("*.json")) if root.is_dir() else []:
         try:
@@ -573,17 +558,3 @@ def pins(store: Store | Path | str) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
     return out
-
-
-def unpin_target(store: Store, settings: Settings, target: str) -> list[str]:
-    """Unpin what target names: a key, or a URI (the pins made with that very URI, e.g. an older version that
-    models:/m/latest pointed to when it was pinned, and the key it names now). Returns the keys unpinned."""
-    from .errors import PrefetchError
-
-    keys = {p["key"] for p in pins(store) if p.get("uri") == target}
-    try:
-        keys.add(key_for(store, settings, target)[0])
-    except PrefetchError:
-        if not keys:          # nothing recorded under that URI either: say why it could not be named
-            raise
-    return sorted(k for k in keys if unpin(store, k))
