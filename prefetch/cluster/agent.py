@@ -58,6 +58,7 @@ class NodeAgent:
 
     def __init__(self, node_id: str | None = None):
         self.node_id = node_id or current_node_id() or "local"
+        self.settings = Settings.load()    # read once, at agent start: the node's environment does not change
         self.started_at = time.time()
         self._lock = threading.Lock()
         self._recent: collections.deque[dict] = collections.deque(maxlen=RECENT)
@@ -65,7 +66,8 @@ class NodeAgent:
         self._next_op = 0
         self._metrics_server = None
         self.metrics_url = self._start_metrics()
-        self._desired = DesiredSetLoop(lambda uri, format, settings: self._row(uri, format, None, "daemon", settings))
+        self._desired = DesiredSetLoop(lambda uri, format, settings: self._row(uri, format, None, "daemon", settings),
+                                       self.settings)
 
     # -- identity and health ---------------------------------------------------------------------------------
     @staticmethod
@@ -78,7 +80,7 @@ class NodeAgent:
             return None
 
     def _identity(self) -> dict:
-        return {"node_id": self.node_id, "node_ip": self._node_ip(), "cache_dir": str(Settings.load().cache_dir),
+        return {"node_id": self.node_id, "node_ip": self._node_ip(), "cache_dir": str(self.settings.cache_dir),
                 "pid": os.getpid(), "started_at": self.started_at, "metrics_url": self.metrics_url}
 
     def _start_metrics(self) -> str | None:
@@ -93,7 +95,7 @@ class NodeAgent:
         wanted = int(os.environ.get("PREFETCH_METRICS_PORT") or 0)
         for port in dict.fromkeys((wanted, 0)):
             try:
-                self._metrics_server = metrics.start_http_server(port, addr=addr, cache_dir=Settings.load().cache_dir)
+                self._metrics_server = metrics.start_http_server(port, addr=addr, cache_dir=self.settings.cache_dir)
             except OSError:
                 continue
             except Exception:  # noqa: BLE001 - metrics are a view; the agent works without them
@@ -124,7 +126,8 @@ class NodeAgent:
                 entry["done"], entry["bytes"] = done, total
 
         try:
-            return warm(uri, format=format, settings=settings, progress=progress, convert_options=convert_options)
+            return warm(uri, format=format, settings=settings or self.settings, progress=progress,
+                        convert_options=convert_options)
         finally:
             with self._lock:
                 self._active.pop(op, None)
@@ -163,7 +166,7 @@ class NodeAgent:
         so the caller always gets a path in the store it will lease and load from."""
         started = time.monotonic()
         base = {"node_id": self.node_id, "uri": uri, "format": format, "caller": caller, "at": time.time()}
-        settings = Settings.load(cache_dir=cache_dir) if cache_dir else None
+        settings = self.settings if not cache_dir else dataclasses.replace(self.settings, cache_dir=Path(cache_dir).expanduser().resolve())
         try:
             w = self._warm(uri, format, convert_options, caller, settings)
         except Exception as e:
@@ -186,7 +189,7 @@ class NodeAgent:
 
     def status(self) -> dict:
         doc = self._identity()
-        store = Store(Settings.load().cache_dir)
+        store = Store(self.settings.cache_dir)
         try:
             manifests = store.manifests()
             doc |= {"objects": len(manifests), "bytes": sum(m.bytes for m in manifests),

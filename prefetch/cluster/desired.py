@@ -77,8 +77,9 @@ def _mutable(uri: str) -> bool:
 class DesiredSetLoop:
     """The desired set of one node and the thread that keeps it warm. Thread safe."""
 
-    def __init__(self, warm_row: WarmRow):
+    def __init__(self, warm_row: WarmRow, settings: Settings):
         self._warm_row = warm_row
+        self._settings = settings
         self._lock = threading.Lock()
         self._desired = DesiredSet()
         self._rows: dict[str, dict] = {}
@@ -104,7 +105,7 @@ class DesiredSetLoop:
                 for uri in set(old.uris) - set(new.uris):
                     self._rows.pop(uri, None)
         if changed:
-            store = Store(Settings.load().cache_dir)
+            store = Store(self._settings.cache_dir)
             for uri in set(old.uris) - set(new.uris):
                 _unpin_stale(store, uri, keep=None)
             self._wake.set()
@@ -129,7 +130,7 @@ class DesiredSetLoop:
     def _pass(self, uris: tuple[str, ...], format: str) -> dict:
         # ref_ttl=0: each pass asks the registry where a mutable URI points now (one cheap call per URI), so a
         # moved alias is noticed within one interval; when the registry is down, the last ref is used.
-        settings = Settings.load(ref_ttl=0.0)
+        settings = dataclasses.replace(self._settings, ref_ttl=0.0)
         store = Store(settings.cache_dir)
         rows = []
         for uri in uris:
