@@ -301,6 +301,8 @@ def status(address: Optional[str] = typer.Option(None, "--address", help="Ray cl
 @app.command()
 def daemon(
     models_file: Optional[str] = typer.Option(None, "--models-file", help="URIs to keep warm, one per line (# comments)."),
+    model_template: Optional[str] = typer.Option(None, "--model-template", help="With --model-ids: a URI with {model_id}, e.g. models:/{model_id}@champion."),
+    model_ids: Optional[str] = typer.Option(None, "--model-ids", help="Comma-separated ids expanded through --model-template into the set."),
     interval: float = typer.Option(60.0, "--interval", help="Seconds between re-resolutions of mutable URIs (@alias, latest, stages)."),
     once: bool = typer.Option(False, "--once", help="One warm pass on this node, wait for it, exit (nothing keeps running)."),
     clear: bool = typer.Option(False, "--clear", help="Forget the cluster's desired set (cached objects stay)."),
@@ -325,8 +327,15 @@ def daemon(
             if not interval > 0:
                 raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
             uris = load_models(models_file)
+            if model_template is not None or model_ids is not None:
+                from .templates import expand, split_ids
+
+                if model_template is None or not split_ids(model_ids or ""):
+                    raise BadURI("--model-template and --model-ids go together (e.g. --model-ids a,b,c)")
+                uris = list(dict.fromkeys(uris + expand(model_template, split_ids(model_ids))))
             if not uris:
-                raise BadURI("no models to keep warm: give --models-file FILE or set PREFETCH_MODELS")
+                raise BadURI("no models to keep warm: give --models-file FILE, --model-template with --model-ids, "
+                             "or set PREFETCH_MODELS")
             from .agent import validate_uris
             from .controller import run_daemon
 
