@@ -77,3 +77,25 @@ class MLflowModelDeployment:
         import os
 
         return {"load_seconds": self.load_seconds, "pid": os.getpid()}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class SeedMultiplexed:
+    """Serve's multiplexing as its docs write it, loading with MLflow (for comparison only: every load of an
+    id, including one evicted earlier, downloads the model again, and Serve serializes the loads)."""
+
+    def __init__(self, model_uri_template: str = "models:/{model_id}@champion", max_models_per_replica: int = 3):
+        import mlflow.pyfunc
+
+        async def load_model(model_id: str):
+            return mlflow.pyfunc.load_model(model_uri_template.format(model_id=model_id))
+
+        # The docs decorate a method with a constant; a closure decorated here lets tests pick the maximum.
+        self.get_model = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(load_model)
+
+    async def __call__(self, request):
+        import numpy as np
+
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        data = await request.json()
+        return {"predictions": np.asarray(model.predict(np.asarray(data["inputs"], dtype=float))).tolist()}

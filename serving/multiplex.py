@@ -198,7 +198,11 @@ class MultiplexedModel(RegistryModel):
         if self._get is None:
             raise BadURI("no model_uri_template configured (set user_config: {model_uri_template: ...})")
         slot = await self._get(model_id)
-        return await slot.model()
+        fresh = slot.loaded_at is None
+        model = await slot.model()
+        if fresh:
+            self._publish()   # what this replica holds changed (a load, and maybe Serve's eviction before it)
+        return model
 
     async def __call__(self, request):
         from ray import serve
