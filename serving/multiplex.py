@@ -118,7 +118,11 @@ class _Slot:
         return f.result() if f is not None and f.done() and not f.cancelled() and f.exception() is None else None
 
     def __del__(self) -> None:
-        """Serve calls this when it evicts the id: give back the cache lease (the files stay on disk)."""
+        """Serve calls this when it evicts the id (and then replaces it on the instance: call release())."""
+        self.release()
+
+    def release(self) -> None:
+        """Give back the cache lease (the files stay on disk for the next load). Idempotent."""
         if getattr(self, "_released", True):
             return
         self._released = True
@@ -169,8 +173,8 @@ class MultiplexedModel(RegistryModel):
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=max(2, most if most > 0 else 8), thread_name_prefix="multiplex-load")
             self._get = self._new_loader(config, self._slots, self._pool)
-        for slot in old_slots.values():   # the old LRU's models: leases back, references dropped
-            slot.__del__()
+        for slot in old_slots.values():   # the old LRU's models: leases back
+            slot.release()
         if old_pool is not None:
             old_pool.shutdown(wait=False)
         logger.info("multiplexing %s, at most %s models per replica",
@@ -221,7 +225,7 @@ class MultiplexedModel(RegistryModel):
             return _json({"error": "the request body is not valid JSON"}, 400)
         try:
             model = await self.model_for(model_id)
-        except UnknownModel as e:
+        except NotFound as e:    # UnknownModel, or a pinned version the registry does not have
             return _json({"error": e.message, "model_id": model_id}, 404)
         except Exception as e:
             logger.error("loading model %r failed: %s", model_id, _first_line(e))
@@ -261,15 +265,19 @@ class MultiplexedModel(RegistryModel):
 
     def __del__(self):
         for slot in list(getattr(self, "_slots", {}).values()):
-            slot.__del__()
+            slot.release()
         super().__del__()
 
 
 def _check_exists(uri: str, model_id: str) -> None:
-    """Resolve `uri` (a cheap registry call; no bytes): a missing model is UnknownModel."""
-    import prefetch
+    """Identify `uri` (for an alias or `latest`, one registry call, or none while the node's ref of it is
+    fresh; never a storage listing): a model the registry does not have is UnknownModel."""
+    from prefetch.config import Settings
+    from prefetch.store import Store
+    from prefetch.uri import identify
 
+    settings = Settings.load()
     try:
-        prefetch.resolve(uri)
+        identify(uri, settings, Store(settings.cache_dir))
     except NotFound as e:
         raise UnknownModel(f"no model '{model_id}': {e.message}", uri) from None
