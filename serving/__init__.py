@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from .deployment import RegistryModel, parse_config
 from .loader import LoadedModel, ModelLoadError, load_model, prepare_runtime, warm_local
-from .multiplex import MultiplexedModel
 from .memory import actor_options, memory_for, model_size, plan
+from .multiplex import MultiplexedModel
 from .replicas import replica_status
 
-__all__ = ["LoadedModel", "ModelLoadError", "MultiplexedModel", "RegistryModel", "actor_options", "load_model", "memory_for",
-           "model_size", "parse_config", "plan", "prepare_runtime", "replica_status", "warm_local"]
+__all__ = ["LoadedModel", "ModelLoadError", "MultiplexedModel", "RegistryModel", "actor_options", "load_model",
+           "memory_for", "model_size", "parse_config", "plan", "prepare_runtime", "replica_status", "warm_local"]

@@ -102,6 +102,8 @@ class _Slot:
         future = self._future
         if future is None:
             future = self._future = self._start()
+            if self._released:   # evicted while this request waited: serve it, then give the lease back
+                future.add_done_callback(_release_result)
         try:
             # shield: a client that goes away must not cancel a load other requests share.
             loaded = await asyncio.shield(asyncio.wrap_future(future))

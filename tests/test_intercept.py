@@ -151,3 +151,21 @@ def test_a_failing_cache_falls_back_to_mlflow_with_one_log_line(seed_direct, s3,
     assert len(lines) == 1 and uri in lines[0] and "MLflow downloads it itself" in lines[0], lines
     assert trees[0] == trees[1] and WEIGHTS in trees[0]
     assert _gets(s3, seed_direct["versions"][1]["model_id"], WEIGHTS) == 2   # MLflow's own downloads, twice
+
+
+def test_runs_uri_gives_mlflows_files_from_the_cache(seed_direct, s3, use_env, cache_dir, tmp_path, monkeypatch):
+    import mlflow
+
+    use_env(seed_direct["env"])
+    v1 = seed_direct["versions"][0]
+    uri = f"runs:/{v1['run_id']}/{harness.SEED_ARTIFACT_PATH}"
+    plain_dst, cached_dst = tmp_path / "plain", tmp_path / "cached"
+    plain_dst.mkdir()
+    cached_dst.mkdir()
+    plain = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(plain_dst)))
+    monkeypatch.setenv("PREFETCH_INTERCEPT_MLFLOW", "1")
+    cached = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(cached_dst)))
+    assert cached.relative_to(cached_dst) == plain.relative_to(plain_dst)
+    assert _tree(cached) == _tree(plain) and WEIGHTS in _tree(plain)
+    [key] = os.listdir(cache_dir / "objects")
+    assert os.path.samefile(cached / WEIGHTS, cache_dir / "objects" / key / WEIGHTS)

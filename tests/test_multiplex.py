@@ -146,3 +146,36 @@ def test_unknown_ids_and_bad_requests(apps, models):
     r = requests.post(apps["ours"], json={"inputs": [[0.0, 0.0]]}, timeout=60)
     assert r.status_code == 400 and HEADER in r.json()["error"], r.text
     assert ask(apps["ours"], "mux-0").status_code == 200   # the replica keeps answering
+
+
+# --- 4. pre-warmed ids: a first request moves nothing from the origin ------------------------------------------
+def test_prewarmed_ids_answer_their_first_request_from_the_node_cache(apps, mlflow_direct, s3, use_env,
+                                                                      monkeypatch):
+    """What `prefetch daemon --model-template T --model-ids ...` declares, warmed here in the driver into the
+    replicas' cache: the first request for each id then reads local disk only (test 1's cold id: 1 download)."""
+    import prefetch
+    from prefetch.templates import expand
+
+    extra = register_constant_models(mlflow_direct.env(), 2, prefix="prewarmed")
+    use_env(mlflow_direct.env())
+    monkeypatch.setenv("PREFETCH_CACHE_DIR", str(apps["cache"]))
+    for uri in expand(TEMPLATE, sorted(extra)):
+        prefetch.warm(uri)
+    s3.reset_stats()
+    for name, rec in sorted(extra.items()):
+        r = ask(apps["ours"], name)
+        assert r.status_code == 200 and r.json()["predictions"] == [rec["value"]], r.text
+    assert s3.stats()["bytes_out"] == 0, s3.proxy.request_log()
+
+
+# --- 5. the daemon's template flags: expansion, and bad input before Ray is touched ----------------------------
+def test_daemon_template_flags_expand_ids_and_reject_bad_input():
+    from prefetch.templates import expand
+    from tests.helpers import assert_clean_error, run_cli
+
+    assert expand(TEMPLATE, ["a", "b", "a"]) == ["models:/a@champion", "models:/b@champion"]
+    assert_clean_error(run_cli("daemon", "--model-template", "models:/{model}@champion", "--model-ids", "a,b"), 2,
+                       "{model}")
+    assert_clean_error(run_cli("daemon", "--model-template", TEMPLATE), 2, "--model-ids")
+    assert_clean_error(run_cli("daemon", "--model-template", "models:/{model_id}", "--model-ids", "a"), 2,
+                       "models:/a")
