@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 ENV = "PREFETCH_INTERCEPT_MLFLOW"
 _ON = {"1", "true", "yes", "on"}
 _META = "registered_model_meta"     # the file MLflow writes beside a registered model it downloads
+# Where MLflow 3 keeps a logged model's files: <experiment artifact root>/models/<model id>/artifacts
+_LOGGED_MODEL_STORAGE = re.compile(r"/models/m-[0-9a-zA-Z]+/artifacts/?$")
 
 _logged: set[str] = set()
 _logged_lock = threading.Lock()
@@ -132,6 +135,8 @@ def serve_from_cache(uri: str, inner: str, artifact_path: str, dst_path: str | N
 
     warmed = warm_local(uri)
     source = _inside(Path(warmed.path), inner)
+    if not source.exists():
+        raise FileNotFoundError(f"{inner!r} is not in the cached artifacts")
     if dst_path:
         dst = Path(dst_path).resolve()
         if not dst.is_dir():
@@ -142,18 +147,30 @@ def serve_from_cache(uri: str, inner: str, artifact_path: str, dst_path: str | N
         dst = Path(create_tmp_dir())
     target = _inside(dst, artifact_path.strip("/")) if artifact_path.strip("/") else dst
     link_tree(source, target)
-    name, version = warmed.resolved.name, warmed.resolved.version
-    if uri.startswith("models:/") and name and version and target.is_dir() and (target / "MLmodel").is_file():
-        _write_registered_meta(target, name, version)
+    meta = _registered_meta(uri, warmed.resolved)
+    if meta is not None and target.is_dir() and (target / "MLmodel").is_file():
+        _write_registered_meta(target, meta)
     return str(target)
 
 
+def _registered_meta(uri: str, resolved) -> dict | None:
+    """What MLflow's models repository records beside a model it downloads: the registered name and version,
+    or nulls for a logged model (models:/m-..., or a runs:/ path MLflow 3 resolves to one). None: MLflow's
+    run repository downloaded it, and writes nothing."""
+    if uri.startswith("runs:/"):
+        if not _LOGGED_MODEL_STORAGE.search(resolved.storage_uri or ""):
+            return None
+        return {"model_name": None, "model_version": None}
+    if resolved.kind == "logged_model":
+        return {"model_name": None, "model_version": None}
+    return {"model_name": resolved.name, "model_version": resolved.version}
+
+
 def _inside(root: Path, rel: str) -> Path:
+    """root/rel, refusing a rel that climbs out of root."""
     path = (root / rel).resolve() if rel else root
     if path != root.resolve() and root.resolve() not in path.parents:
         raise ValueError(f"{rel!r} is outside {root}")
-    if not path.exists():
-        raise FileNotFoundError(f"{rel!r} is not in the cached artifacts")
     return path
 
 
@@ -186,9 +203,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o644)
 
 
-def _write_registered_meta(model_dir: Path, name: str, version: str) -> None:
+def _write_registered_meta(model_dir: Path, meta: dict) -> None:
     """The file MLflow's models repository writes after a download (same content), so the tree is MLflow's."""
     from mlflow.utils.yaml_utils import write_yaml
 
-    write_yaml(str(model_dir), _META, {"model_name": name, "model_version": version}, overwrite=True,
-               ensure_yaml_extension=False)
+    write_yaml(str(model_dir), _META, meta, overwrite=True, ensure_yaml_extension=False)

@@ -158,7 +158,7 @@ def test_runs_uri_gives_mlflows_files_from_the_cache(seed_direct, s3, use_env, c
 
     use_env(seed_direct["env"])
     v1 = seed_direct["versions"][0]
-    uri = f"runs:/{v1['run_id']}/{harness.SEED_ARTIFACT_PATH}"
+    uri = f"runs:/{v1['run_id']}/{harness.models.SEED_ARTIFACT_PATH}"
     plain_dst, cached_dst = tmp_path / "plain", tmp_path / "cached"
     plain_dst.mkdir()
     cached_dst.mkdir()
@@ -167,5 +167,7 @@ def test_runs_uri_gives_mlflows_files_from_the_cache(seed_direct, s3, use_env, c
     cached = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(cached_dst)))
     assert cached.relative_to(cached_dst) == plain.relative_to(plain_dst)
     assert _tree(cached) == _tree(plain) and WEIGHTS in _tree(plain)
-    [key] = os.listdir(cache_dir / "objects")
+    keys = os.listdir(cache_dir / "objects")
+    assert len(keys) == 1, [(k, open(cache_dir / "objects" / k / ".prefetch.json").read()[:400]) for k in keys]
+    [key] = keys
     assert os.path.samefile(cached / WEIGHTS, cache_dir / "objects" / key / WEIGHTS)
