@@ -16,8 +16,7 @@ import pytest
 import requests
 
 from tests import harness
-from tests.test_serving import (app_status, delete_app, replica_env, replicas_of, run_apps, serve_url,  # noqa: F401
-                                wait_for)
+from tests.test_serving import apply_config, app_status, replica_env, replicas_of, serve_url, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.timeout(1200)
 N_MODELS, REPLICAS, PER_REPLICA = 6, 2, 2
@@ -53,28 +52,30 @@ def models(mlflow_direct):
     return register_constant_models(mlflow_direct.env(), N_MODELS)
 
 
+def app_configs(env: dict, per_replica: int = PER_REPLICA) -> list[dict]:
+    """Both apps, declaratively (as `serve deploy` would): a changed user_config is then a reconfigure."""
+    deployment = {"num_replicas": REPLICAS, "ray_actor_options": {"num_cpus": 0.1}}
+    return [{"name": "mux-ours", "route_prefix": "/ours", "import_path": "serving.examples:multiplexed_app",
+             "runtime_env": env, "deployments": [{**deployment, "name": "Models", "user_config": {
+                 "model_uri_template": TEMPLATE, "max_models_per_replica": per_replica}}]},
+            {"name": "mux-seed", "route_prefix": "/seed", "import_path": "serving.examples:seed_multiplexed_app",
+             "runtime_env": env, "args": {"model_uri_template": TEMPLATE, "max_models_per_replica": PER_REPLICA},
+             "deployments": [{**deployment, "name": "SeedMultiplexed"}]}]
+
+
 @pytest.fixture(scope="module")
 def apps(serve_url, mlflow_direct, models, tmp_path_factory):  # noqa: F811
     """Both apps, started together: ours (MultiplexedModel) and the docs' way (SeedMultiplexed)."""
-    from ray import serve
-
-    from serving import MultiplexedModel
-    from serving.examples import SeedMultiplexed
-
     cache = tmp_path_factory.mktemp("mux-cache")
-    opts = {"num_cpus": 0.1, "runtime_env": replica_env(mlflow_direct.env(), cache)}
-    ours = serve.deployment(MultiplexedModel, name="Models").options(
-        num_replicas=REPLICAS, ray_actor_options=opts,
-        user_config={"model_uri_template": TEMPLATE, "max_models_per_replica": PER_REPLICA})
-    seed = SeedMultiplexed.options(num_replicas=REPLICAS, ray_actor_options=opts)
-    run_apps((ours.bind(), "mux-ours", "/ours"), (seed.bind(TEMPLATE, PER_REPLICA), "mux-seed", "/seed"))
+    env = replica_env(mlflow_direct.env(), cache)
+    apply_config(app_configs(env))
     try:
         wait_for(lambda: app_status("mux-ours") == app_status("mux-seed") == "RUNNING", timeout=300,
                  what="both apps RUNNING")
-        yield {"ours": f"{serve_url}/ours", "seed": f"{serve_url}/seed", "cache": cache}
+        yield {"ours": f"{serve_url}/ours", "seed": f"{serve_url}/seed", "cache": cache, "env": env}
     finally:
-        delete_app("mux-ours")
-        delete_app("mux-seed")
+        apply_config([])   # removes the declaratively deployed apps
+        wait_for(lambda: app_status("mux-ours") is None and app_status("mux-seed") is None, what="apps deleted")
 
 
 def ask(url: str, model_id: str, body: dict | None = None) -> requests.Response:
@@ -179,3 +180,19 @@ def test_daemon_template_flags_expand_ids_and_reject_bad_input():
     assert_clean_error(run_cli("daemon", "--model-template", TEMPLATE), 2, "--model-ids")
     assert_clean_error(run_cli("daemon", "--model-template", "models:/{model_id}", "--model-ids", "a"), 2,
                        "models:/a")
+
+
+# --- 6. a new max_models_per_replica in user_config: a reconfigure, honoured, same replicas ----------------------
+def test_a_new_maximum_in_user_config_is_a_reconfigure_that_serve_honours(apps, models, s3):
+    before = {r["replica"] for r in replicas_of("mux-ours")}
+    apply_config(app_configs(apps["env"], per_replica=1))
+    wait_for(lambda: all((r.get("config") or {}).get("max_models_per_replica") == 1 for r in replicas_of("mux-ours")),
+             what="both replicas on the new user_config")
+    s3.reset_stats()
+    for name in sorted(models) * 2:
+        r = ask(apps["ours"], name)
+        assert r.status_code == 200 and r.json()["predictions"] == [models[name]["value"]], r.text
+    rows = replicas_of("mux-ours")
+    assert {r["replica"] for r in rows} == before                      # reconfigured, not restarted
+    assert [len(r["models"]) <= 1 for r in rows] == [True] * REPLICAS, rows
+    assert s3.stats()["bytes_out"] == 0                                # reloads after eviction: local disk
