@@ -100,7 +100,7 @@ def test_download_artifacts_gives_mlflows_files_from_the_cache(seed_direct, s3, 
     use_env(seed_direct["env"])
     uri = f"models:/{NAME}@stable"
     plain_dst, cached_dst, again_dst = (tmp_path / d for d in ("plain", "cached", "again"))
-    for d in (plain_dst, cached_dst, again_dst):
+    for d in (plain_dst, cached_dst, again_dst, tmp_path / "one"):
         d.mkdir()
 
     s3.reset_stats()
@@ -120,6 +120,11 @@ def test_download_artifacts_gives_mlflows_files_from_the_cache(seed_direct, s3, 
     stored = cache_dir / "objects" / key / WEIGHTS
     assert os.path.samefile(again / WEIGHTS, stored)               # a hard link, not a copy
     assert not os.path.exists(again / ".prefetch.json")
+
+    # One file inside the model (what mlflow.models.Model.load asks for): that file, at MLflow's path.
+    one = Path(mlflow.artifacts.download_artifacts(f"{uri}/MLmodel", dst_path=str(tmp_path / "one")))
+    assert one == tmp_path / "one" / "MLmodel" and one.read_bytes() == (plain / "MLmodel").read_bytes()
+    assert s3.stats()["bytes_out"] == 0
 
     # MLflow's flavor loader on the same URI, unchanged code: the model from the cache, no origin bytes.
     s3.reset_stats()
