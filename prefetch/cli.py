@@ -250,6 +250,8 @@ def status(address: Address = None,
 @app.command()
 def daemon(
     models_file: Optional[str] = typer.Option(None, "--models-file", help="URIs to keep warm, one per line (# comments)."),
+    model_template: Optional[str] = typer.Option(None, "--model-template", help="With --model-ids: a URI with {model_id}, e.g. models:/{model_id}@champion."),
+    model_ids: Optional[str] = typer.Option(None, "--model-ids", help="Comma-separated ids expanded through --model-template into the set."),
     interval: float = typer.Option(60.0, "--interval", help="Seconds between re-resolutions of mutable URIs (@alias, latest, stages)."),
     once: bool = typer.Option(False, "--once", help="One warm pass on this node, wait for it, exit (nothing keeps running)."),
     clear: bool = typer.Option(False, "--clear", help="Forget the cluster's desired set (cached objects stay)."),
@@ -259,10 +261,11 @@ def daemon(
 ) -> None:
     """Node start-up hook: keep this node (and every node that joins) warm with a declared set of URIs.
 
-    The set comes from --models-file and PREFETCH_MODELS (comma or newline separated). Returns quickly: this
+    The set comes from --models-file, --model-template with --model-ids (Serve multiplexing ids) and
+    PREFETCH_MODELS (comma or newline separated). Returns quickly: this
     node's agent and the cluster's controller (detached Ray actors) keep going."""
     from .api import check_format
-    from .cluster.desired import load_models
+    from .cluster.desired import desired_uris
 
     check_format(format)
     if clear:
@@ -270,15 +273,11 @@ def daemon(
 
         report = clear_desired(address)
     else:
-        if not interval > 0:
-            raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
-        uris = load_models(models_file)
-        if not uris:
-            raise BadURI("no models to keep warm: give --models-file FILE or set PREFETCH_MODELS")
-        from .cluster.desired import validate_uris
         from .cluster.fanout import run_daemon
 
-        validate_uris(uris)   # a typo fails here, before Ray is touched
+        if not interval > 0:
+            raise BadURI(f"--interval must be a positive number of seconds, not {interval:g}")
+        uris = desired_uris(models_file, model_template, model_ids)   # a typo fails here, before Ray is touched
         report = run_daemon(uris, interval=interval, once=once, address=address, format=format)
 
     _finish(report, as_json, render.render_daemon_report)

@@ -4,6 +4,7 @@
 
 - load_model(uri, format="native") -> LoadedModel: warm once per node, load from the local path.
 - RegistryModel: base class for @serve.deployment classes; model URI in user_config, hot swap on reconfigure.
+- MultiplexedModel: many models per deployment (Serve's multiplexing), ids -> URIs by a template in user_config.
 - memory_for(uri, factor=2.0) -> bytes per replica; actor_options(uri, ...) -> ray_actor_options with memory.
 - replica_status(app) -> what every live replica of a Serve app serves (from a connected Ray driver;
   serving.control holds the rollout, the watch and the rest of Serve control).
@@ -14,6 +15,7 @@ from .control.replicas import replica_status
 from .deployment import RegistryModel, parse_config
 from .loader import LoadedModel, ModelLoadError, load_model, prepare_runtime, warm_local
 from .memory import actor_options, memory_for, model_size, plan
+from .multiplex import MultiplexedModel
 
-__all__ = ["LoadedModel", "ModelLoadError", "RegistryModel", "actor_options", "load_model", "memory_for",
-           "model_size", "parse_config", "plan", "prepare_runtime", "replica_status", "warm_local"]
+__all__ = ["LoadedModel", "ModelLoadError", "MultiplexedModel", "RegistryModel", "actor_options", "load_model",
+           "memory_for", "model_size", "parse_config", "plan", "prepare_runtime", "replica_status", "warm_local"]

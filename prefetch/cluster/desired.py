@@ -199,6 +199,24 @@ def load_models(models_file: str | os.PathLike | None = None, env: dict[str, str
     return list(dict.fromkeys(uris))
 
 
+def desired_uris(models_file: str | os.PathLike | None = None, model_template: str | None = None,
+                 model_ids: str | None = None, env: dict[str, str] | Any = None) -> list[str]:
+    """The daemon's whole desired set, checked (no network): the models file, the template's ids, PREFETCH_MODELS.
+    BadURI when it is empty, when only one of template/ids is given, or when a URI does not parse."""
+    from ..templates import expand, split_ids
+
+    uris = load_models(models_file, env)
+    if model_template is not None or model_ids is not None:
+        if model_template is None or not split_ids(model_ids or ""):
+            raise BadURI("--model-template and --model-ids go together (e.g. --model-ids a,b,c)")
+        uris = list(dict.fromkeys(uris + expand(model_template, split_ids(model_ids))))
+    if not uris:
+        raise BadURI("no models to keep warm: give --models-file FILE, --model-template with --model-ids, "
+                     "or set PREFETCH_MODELS")
+    validate_uris(uris)
+    return uris
+
+
 def validate_uris(uris: Iterable[str]) -> None:
     """Parse each URI (no network): a typo fails here, on the caller, not on every node."""
     from ..uri import parse
