@@ -378,7 +378,7 @@ def rollout(
     model_uri: str = typer.Option(..., "--model-uri", help="The model to roll out (pinned to its version first)."),
     mode: str = typer.Option("user_config", "--mode", help="user_config: hot swap (reconfigure, same replicas); "
                              "redeploy: write the URI into --config and deploy it (rolling update)."),
-    config: Optional[str] = typer.Option(None, "--config", help="Serve config file (serve deploy format), with --mode redeploy."),
+    config: Optional[str] = typer.Option(None, "--config", help="Serve config file (serve deploy format): deployed with --mode redeploy; with the hot swap, the new URI is written into it too (comments kept)."),
     format: AppFormat = None,
     tolerance: Tolerance = None,
     deployment: Deployment = None,
@@ -414,7 +414,7 @@ def watch(
     app_name: str = typer.Option(..., "--app", help="The Serve application that follows it."),
     interval: float = typer.Option(10.0, "--interval", help="Seconds between registry polls."),
     mode: str = typer.Option("user_config", "--mode", help="user_config (hot swap) or redeploy (with --config)."),
-    config: Optional[str] = typer.Option(None, "--config", help="Serve config file, with --mode redeploy."),
+    config: Optional[str] = typer.Option(None, "--config", help="Serve config file: deployed with --mode redeploy, kept in step with the hot swap."),
     format: AppFormat = None,
     tolerance: Tolerance = None,
     deployment: Deployment = None,

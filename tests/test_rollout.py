@@ -537,3 +537,46 @@ print(w.describe_event("moved", {"uri": "models:/m@live", "from": "1", "to": "2"
     lines = proc.stdout.splitlines()
     assert lines[0] == "every replica already serves m v2: nothing to do", lines
     assert lines[1].endswith(" models:/m@live moved: v1 -> v2") and lines[1][2] == ":", lines
+
+
+# -- 5. hot swap that keeps the declarative config file in step ------------------------------------------------------
+def _user_config_text(uri: str) -> str:
+    return f"""\
+# Serve config whose model lives in user_config (a hot swap keeps this comment)
+applications:
+  - name: {APP}
+    route_prefix: {ROUTE}
+    import_path: serving.examples:model_app
+    deployments:
+      - name: {DEPLOYMENT}
+        num_replicas: 2
+        ray_actor_options:
+          num_cpus: 0.1
+        user_config:
+          model_uri: {uri}   # kept in step by prefetch rollout
+"""
+
+
+def test_hot_swap_with_config_writes_the_new_uri_into_the_file(on_rig, tmp_path):
+    """`prefetch rollout APP --model-uri U --config FILE` in the default mode: the same replicas reconfigure (a hot
+    swap), and FILE now names the pinned version, so a later `serve deploy FILE` does not roll the model back."""
+    import yaml
+
+    rig = on_rig
+    config_file = tmp_path / "serve_config.yaml"
+    config_file.write_text(_user_config_text(f"models:/{NAME}/1"))
+    deploy(yaml.safe_load(config_file.read_text())["applications"][0])
+    before = wait_for(lambda: on_version("1"), what="2 replicas on v1 from the config file")
+    proc, report = rollout_cli(rig, "--model-uri", f"models:/{NAME}@champion", "--config", str(config_file))
+    assert proc.returncode == 0, proc.stderr
+    assert report["ok"] and report["mode"] == "user_config" and report["switch"] == "reconfigure"
+    from mlflow import MlflowClient
+
+    newest = str(MlflowClient().get_model_version_by_alias(NAME, "champion").version)   # the registry's own answer
+    text = config_file.read_text()
+    assert f"model_uri: models:/{NAME}/{newest}   # kept in step by prefetch rollout" in text, text
+    assert text.startswith("# Serve config whose model lives in user_config")
+    assert yaml.safe_load(text) == yaml.safe_load(_user_config_text(f"models:/{NAME}/{newest}"))
+    rows = wait_for(lambda: on_version(newest), what=f"the same replicas on v{newest}")
+    assert {r["replica"] for r in rows} == {r["replica"] for r in before}, "a hot swap keeps the replicas"
+    assert live_user_config()["model_uri"] == f"models:/{NAME}/{newest}"

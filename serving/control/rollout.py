@@ -321,7 +321,7 @@ class Plan:
     target: Target                  # pinned, with the format and convert options the switch writes
     view: AppView
     details: dict                   # Serve's details at inspection: the declarative set the switch re-applies
-    file: ConfigFile | None         # mode redeploy: the Serve config file
+    file: ConfigFile | None         # the Serve config file (--config): deployed in mode redeploy, kept in step in both
     values: dict                    # what the switch writes: model_uri, and format / convert_options when asked
     before: list[dict]              # replica status rows before the switch
     report: dict
@@ -333,7 +333,7 @@ class Switched:
 
     configs: dict[str, dict]        # the declarative set as it was
     target_capacity: float | None
-    new_text: str | None            # mode redeploy: the config file as written (its old text is plan.file.text)
+    new_text: str | None            # the config file as written, with --config (its old text is plan.file.text)
     at: float                       # wall clock of the switch: replica errors from before it are not ours
 
 
@@ -349,13 +349,10 @@ def check_args(app: str, model_uri: str, mode: str, config_path: str | os.PathLi
     if not timeout > 0:
         raise BadURI(f"--timeout must be a positive number of seconds, not {timeout:g}")
     parse(model_uri)
-    if mode == "redeploy":
-        if config_path is None:
-            raise BadURI("--mode redeploy needs --config <serve config file>")
-        return ConfigFile.load(config_path, app)
-    if config_path is not None:
-        raise BadURI("--config goes with --mode redeploy (mode user_config updates the running app's config)")
-    return None
+    if mode == "redeploy" and config_path is None:
+        raise BadURI("--mode redeploy needs --config <serve config file>")
+    # With a hot swap the file is kept in step too: a later `serve deploy FILE` must not roll the model back.
+    return ConfigFile.load(config_path, app) if config_path is not None else None
 
 
 def _look(app: str, deployment: str | None, address: str | None) -> tuple[dict, AppView, list[dict]]:
@@ -457,7 +454,12 @@ def _new_app_config(p: Plan, configs: dict[str, dict]) -> tuple[dict, str | None
                 entry = {"name": d}
                 overrides.append(entry)
             entry["user_config"] = {**p.view.user_config(d), **p.values}
-        return new_app, None
+        if p.file is None:
+            return new_app, None
+        new_text, _doc, note = p.file.with_model(p.values)   # the declarative source of truth follows
+        if note:
+            p.report["note"] = note
+        return new_app, new_text
     new_text, new_doc, note = p.file.with_model(p.values)
     if ("args",) not in p.file.places:
         # Only user_config changes: Serve keeps the code version and reconfigures the running replicas.
