@@ -33,6 +33,9 @@ class FileEntry:
     size: int
     etag: str | None = None
     sha256: str | None = None
+    version_id: str | None = None     # the origin's version of the object, when it has versions
+    origin_check: str | None = None   # what tied the bytes to the origin: md5 | sha256 | crc32c | crc32 | none
+    chunks: dict | None = None        # {"size": chunk bytes, "sha256": [one per chunk]} (peers verify with these)
 
 
 def safe_relpath(path: str, uri: str | None = None) -> str:
@@ -237,8 +240,6 @@ class Store:
                     raise IntegrityError(
                         f"file {f.path!r} has {size} bytes, the origin listed {f.size}", manifest.uri
                     )
-            for stray in staging.rglob("*.part*"):
-                stray.unlink()
             (staging / MANIFEST).write_text(manifest.to_json())
             fsync_tree(staging)
             for f in manifest.files:
