@@ -53,8 +53,27 @@ def warm(uri: str, format: str = "native", *, settings: Settings | None = None, 
          convert_options: dict | None = None) -> Warmed:
     """Make uri's artifacts present on this node's disk (once per node, whatever the number of callers)."""
     settings = settings or Settings.load()
-    store = Store(settings.cache_dir)
     started = time.monotonic()
+    for attempt in range(ORIGIN_RESTARTS + 1):
+        try:
+            warmed = _warm(uri, format, settings, progress, convert_options, started)
+        except OriginChanged as e:
+            # The listing changed while we downloaded (a key that hashes the listing): identify it again.
+            if attempt == ORIGIN_RESTARTS:
+                raise
+            changed = e
+            continue
+        if attempt:
+            note = f"the origin changed during the download ({changed.message}); listed again and fetched the new content"
+            warmed = dataclasses.replace(warmed, resolved=dataclasses.replace(
+                warmed.resolved, note="; ".join(filter(None, [warmed.resolved.note, note]))))
+        return warmed
+    raise AssertionError("unreachable")
+
+
+def _warm(uri: str, format: str, settings: Settings, progress: Progress | None, convert_options: dict | None,
+          started: float) -> Warmed:
+    store = Store(settings.cache_dir)
     resolved = identify(uri, settings, store)
     # A conversion reads the native object after this returns: lease it first so eviction cannot take it.
     lease = Lease.acquire(store, resolved.key, holder=f"warm --format {format}") if format != "native" else None
@@ -127,13 +146,17 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
             manager = TransferManager(source, TransferConfig.from_settings(settings), [counter])
             try:
                 entries = manager.download(files, staging)
-            except OriginChanged as e:
-                # An object changed between our listing and a ranged GET: list again; the journal drops
-                # what belonged to the old version of each changed file, the rest resumes.
+            except OriginChanged:
                 fetched += counter.fetched
-                restarted += manager.restarted + ([e.path] if e.path else [])
-                if attempt == ORIGIN_RESTARTS:
+                restarted += manager.restarted
+                if attempt == ORIGIN_RESTARTS or "files" in resolved.identity:
+                    # The key is a hash of the listing (s3://, mlflow-artifacts:/, paths): new content is a new
+                    # key, so the whole warm starts again from identify (warm() does it); this staging is moot.
+                    store.discard_staging(staging)
                     raise
+                # A registry version whose files changed under it: list again; the journal drops what belonged
+                # to the old version of each changed file, the rest resumes.
+                resolved = dataclasses.replace(resolved, files=None, source=None)
                 continue
             fetched += counter.fetched
             restarted += manager.restarted

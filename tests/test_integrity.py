@@ -123,3 +123,170 @@ def test_peak_memory_is_bounded_by_the_window_not_the_model(s3, proxy, cache_dir
     assert old > bound + 128 * MiB
     committed = next((tmp_path / "c1" / "objects").iterdir()) / "weights.bin"
     assert sha256_file(committed) == sha256_file(tmp_path / f"upload-11-{size}")
+
+
+# -- B. a resume journal tied to what it describes -----------------------------------------------------------------
+class PartialReader:
+    """Polls objects/ from a thread: any committed tree must be whole (manifest + every file at its size)."""
+
+    def __init__(self, cache: Path):
+        self.cache, self.seen, self.partial = cache, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            objects = self.cache / "objects"
+            for d in objects.iterdir() if objects.is_dir() else []:
+                self.seen += 1
+                try:
+                    manifest = json.loads((d / ".prefetch.json").read_text())
+                    bad = [f["path"] for f in manifest["files"] if (d / f["path"]).stat().st_size != f["size"]]
+                except (OSError, ValueError) as e:
+                    bad = [repr(e)]
+                if bad:
+                    self.partial.append((d.name, bad))
+            time.sleep(0.01)
+
+
+def _model(s3, tmp_path: Path, prefix: str, sizes: dict[str, int], seed: int) -> dict[str, str]:
+    """Upload files under prefix; returns {path: sha256}."""
+    out = {}
+    for i, (path, size) in enumerate(sizes.items()):
+        out[path] = sha256_file(upload(s3, tmp_path, f"{prefix}/{path}", size, seed=seed + i))
+    return out
+
+
+def _committed(result: dict) -> dict[str, str]:
+    root = Path(result["path"])
+    manifest = json.loads((root / ".prefetch.json").read_text())
+    return {f["path"]: sha256_file(root / f["path"]) for f in manifest["files"]}
+
+
+def test_sigkill_at_random_points_repeated_never_shows_a_partial_object(s3, cache_dir, tmp_path):
+    sizes = {"weights.bin": 24 * MiB, "shard-1.bin": 6 * MiB, "shard-2.bin": 6 * MiB, "conf.json": 3000,
+             "sub/tok.model": 500_000}
+    expected = _model(s3, tmp_path, "crash", sizes, seed=20)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=6 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "3", "PREFETCH_CHUNK_BYTES": str(1 * MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    rng = random.Random(7)
+    try:
+        with PartialReader(cache_dir) as reader:
+            for round_ in range(5):
+                proc = warm_process("s3://models/crash", env)
+                time.sleep(rng.uniform(0.3, 2.5))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(60)
+            slow.reset()
+            result = cli_json("warm", "s3://models/crash", env=env)["results"][0]
+            time.sleep(0.2)
+    finally:
+        slow.stop()
+    assert reader.partial == [] and reader.seen > 0
+    assert _committed(result) == expected
+    manifest = json.loads((Path(result["path"]) / ".prefetch.json").read_text())
+    weights = next(f for f in manifest["files"] if f["path"] == "weights.bin")
+    blob = (tmp_path / f"upload-20-{24 * MiB}").read_bytes()
+    # Per-chunk hashes in the manifest (peers verify chunks with them) are the hashes of the uploaded bytes.
+    assert weights["chunks"] == {"size": MiB, "sha256": [hashlib.sha256(blob[i:i + MiB]).hexdigest()
+                                                          for i in range(0, len(blob), MiB)]}
+    assert not list((cache_dir / "staging").iterdir())
+
+
+def _kill_midway(uri: str, env: dict, cache: Path, size: int) -> None:
+    proc = warm_process(uri, env)
+    wait_until(lambda: staged_bytes(cache) > size * 0.3 or proc.poll() is not None, 120, "a partial download")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, "the warm finished before the kill: slow the link down"
+    assert objects_in(cache) == []
+
+
+@pytest.mark.parametrize("changed", ["PREFETCH_CHUNK_BYTES", "PREFETCH_MULTIPART_THRESHOLD"])
+def test_resume_after_a_changed_layout_commits_the_right_bytes(changed, s3, cache_dir, tmp_path):
+    size = 32 * MiB
+    expected = _model(s3, tmp_path, f"layout-{changed}", {"w.bin": size}, seed=30)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=4 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "2", "PREFETCH_CHUNK_BYTES": str(2 * MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    uri = f"s3://models/layout-{changed}"
+    try:
+        _kill_midway(uri, env, cache_dir, size)
+        after = {**env, changed: str(3 * MiB) if changed == "PREFETCH_CHUNK_BYTES" else str(1 << 30)}
+        slow.reset()
+        result = cli_json("warm", uri, env=after)["results"][0]
+        fetched = slow.stats()["bytes_out"]
+    finally:
+        slow.stop()
+    assert _committed(result) == expected
+    if changed == "PREFETCH_CHUNK_BYTES":
+        assert fetched >= size        # another chunk grid: the file started over
+    else:
+        assert fetched < size * 0.8   # the threshold only groups chunks into GETs: durable chunks were kept
+
+
+def _registered(mlflow_direct, s3, use_env, name: str, size: int) -> tuple[str, str]:
+    """A registry version (its key does not depend on the bytes) with one big file; (models:/ URI, its S3 key)."""
+    use_env(mlflow_direct.env())
+    rec = harness.register_large_model(mlflow_direct.env(), name, large_files=[("weights.bin", size)], n_small=2,
+                                       seed=50)
+    uri = f"models:/{name}/{rec['version']}"
+    storage = prefetch.resolve(uri).storage_uri
+    bucket_key = storage.split("://", 1)[1].split("/", 1)[1].rstrip("/") + "/artifacts/weights.bin"
+    return uri, bucket_key
+
+
+def test_object_changed_at_the_origin_between_attempts_is_not_committed_as_a_mix(mlflow_direct, s3, use_env,
+                                                                                  cache_dir, tmp_path):
+    size = 32 * MiB
+    uri, key = _registered(mlflow_direct, s3, use_env, "between-attempts", size)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=4 * MiB).start()
+    env = {"MLFLOW_S3_ENDPOINT_URL": slow.url, "AWS_ENDPOINT_URL_S3": slow.url, "PREFETCH_MAX_CONCURRENCY": "2",
+           "PREFETCH_CHUNK_BYTES": str(2 * MiB), "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    try:
+        _kill_midway(uri, env, cache_dir, size)
+        new = sha256_file(upload(s3, tmp_path, key, size, seed=51))   # same size, other bytes, same version
+        result = cli_json("warm", uri, env=env)["results"][0]
+    finally:
+        slow.stop()
+    assert _committed(result)["artifacts/weights.bin"] == new
+
+
+# -- C. ranged reads pinned to one version -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["s3-listing", "registry-version"])
+def test_object_overwritten_mid_download_commits_the_new_bytes(kind, mlflow_direct, s3, use_env, proxy, cache_dir,
+                                                               tmp_path):
+    """The first range is held in the proxy, the object is overwritten behind it, then the range goes on: with
+    If-Match it is answered 412 and the file restarts; without, the first 2 MiB would come from the new object
+    and the rest from the old one (a torn file of the right size)."""
+    size = 16 * MiB
+    if kind == "s3-listing":
+        key = "overwrite/w.bin"
+        upload(s3, tmp_path, key, size, seed=60)
+        uri, env = "s3://models/overwrite", s3.env(proxy.url)
+    else:
+        uri, key = _registered(mlflow_direct, s3, use_env, "overwritten-mid-download", size)
+        env = {"MLFLOW_S3_ENDPOINT_URL": proxy.url, "AWS_ENDPOINT_URL_S3": proxy.url}
+    env |= {"PREFETCH_MAX_CONCURRENCY": "4", "PREFETCH_CHUNK_BYTES": str(2 * MiB),
+            "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    fault = proxy.add_fault("stall", key.encode(), range_start=0, seconds=120)
+    proc = warm_process(uri, env, json_out=True)
+    wait_until(fault.reached.is_set, 120, "the first range to reach the proxy")
+    wait_until(lambda: staged_bytes(cache_dir) >= size - 2 * MiB, 120, "the other ranges")
+    new = sha256_file(upload(s3, tmp_path, key, size, seed=61))
+    fault.release()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    result = json.loads(out)["results"][0]
+    committed = _committed(result)
+    assert committed[key.rsplit("/", 1)[-1] if kind == "s3-listing" else "artifacts/weights.bin"] == new
+    assert "fetched again" in result["note"] or "origin changed" in result["note"], result["note"]
