@@ -290,3 +290,42 @@ def test_object_overwritten_mid_download_commits_the_new_bytes(kind, mlflow_dire
     committed = _committed(result)
     assert committed[key.rsplit("/", 1)[-1] if kind == "s3-listing" else "artifacts/weights.bin"] == new
     assert "fetched again" in result["note"] or "origin changed" in result["note"], result["note"]
+
+
+# -- D. origin-anchored integrity ----------------------------------------------------------------------------------
+def _manifest_files(result: dict) -> dict[str, dict]:
+    manifest = json.loads((Path(result["path"]) / ".prefetch.json").read_text())
+    return {f["path"]: f for f in manifest["files"]}
+
+
+def test_a_byte_flipped_in_transit_is_never_committed(s3, proxy, cache_dir, tmp_path):
+    import boto3.s3.transfer
+
+    single = upload(s3, tmp_path, "flip/single.bin", 3 * MiB, seed=70)       # one PUT: ETag = MD5 of the bytes
+    multi = tmp_path / "multi.bin"
+    harness.write_random_file(multi, 20 * MiB, seed=71)
+    s3.client(endpoint=s3.direct_endpoint).upload_file(
+        str(multi), "models", "flip/multi.bin",
+        Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=6 * MiB))
+    env = {**s3.env(proxy.url), "PREFETCH_CHUNK_BYTES": str(4 * MiB), "PREFETCH_MULTIPART_THRESHOLD": str(8 * MiB)}
+    # Once each: the file is fetched again and the second copy is right.
+    proxy.add_fault("flip", b"flip/single.bin", after=12345)
+    proxy.add_fault("flip", b"flip/multi.bin", range_start=8 * MiB, after=777)
+    result = cli_json("warm", "s3://models/flip", env=env)["results"][0]
+    assert proxy.stats()["faults_served"] == 2
+    files = _manifest_files(result)
+    assert _committed(result) == {"single.bin": sha256_file(single), "multi.bin": sha256_file(multi)}
+    assert files["single.bin"]["origin_check"] == "md5"
+    assert files["multi.bin"]["origin_check"] == "md5" and files["multi.bin"]["etag"].endswith("-4")
+    assert "single.bin" in result["note"] and "multi.bin" in result["note"]
+
+    # Every time: exit 5 after the retries, nothing committed, nothing left in staging.
+    proxy.clear_faults()
+    s3.client(endpoint=s3.direct_endpoint).put_object(Bucket="models", Key="flip-always/w.bin",
+                                                      Body=os.urandom(MiB))
+    proxy.add_fault("flip", b"flip-always/w.bin", after=10, count=1000)
+    proc = run_cli("warm", "s3://models/flip-always", env={**env, "PREFETCH_MAX_ATTEMPTS": "3"})
+    assert proc.returncode == 5, proc.stderr
+    assert "w.bin" in proc.stderr and "checksum" in proc.stderr and "Traceback" not in proc.stderr
+    assert objects_in(cache_dir) == [Path(result["path"]).name]
+    assert not list((cache_dir / "staging").iterdir())
