@@ -329,3 +329,65 @@ def test_a_byte_flipped_in_transit_is_never_committed(s3, proxy, cache_dir, tmp_
     assert "w.bin" in proc.stderr and "checksum" in proc.stderr and "Traceback" not in proc.stderr
     assert objects_in(cache_dir) == [Path(result["path"]).name]
     assert not list((cache_dir / "staging").iterdir())
+
+
+# -- E. deadlines --------------------------------------------------------------------------------------------------
+def test_trickle_and_stall_are_abandoned_and_retried(s3, proxy, cache_dir, tmp_path):
+    blob = upload(s3, tmp_path, "slowpoke/w.bin", 2 * MiB, seed=80)
+    env = {**s3.env(proxy.url), "PREFETCH_MIN_RATE": "64KiB", "PREFETCH_MIN_RATE_WINDOW": "1",
+           "PREFETCH_READ_TIMEOUT": "1", "PREFETCH_MAX_ATTEMPTS": "3"}
+    trickle = proxy.add_fault("trickle", b"slowpoke/w.bin", rate=4096)
+    stall = proxy.add_fault("stall", b"slowpoke/w.bin", seconds=20)
+    result = cli_json("warm", "s3://models/slowpoke", env=env, timeout=120)["results"][0]
+    assert trickle.served == 1 and stall.served == 1
+    assert _committed(result) == {"w.bin": sha256_file(blob)}
+    # A link that only ever trickles: the retries run out, exit 4, no hang, nothing committed.
+    proxy.add_fault("trickle", b"slowpoke2/w.bin", rate=4096, count=1000)
+    upload(s3, tmp_path, "slowpoke2/w.bin", 2 * MiB, seed=81)
+    proc = run_cli("warm", "s3://models/slowpoke2", env=env, timeout=120)
+    assert proc.returncode == 4 and "KiB/s" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert objects_in(cache_dir) == [Path(result["path"]).name]
+
+
+def test_lock_waiter_names_the_holder_and_gives_up_with_exit_4(s3, use_env, cache_dir, tmp_path):
+    import socket
+
+    from prefetch.store import Store
+
+    upload(s3, tmp_path, "locked/w.bin", MiB, seed=90)
+    use_env(s3.env())
+    key = prefetch.resolve("s3://models/locked").key
+    store = Store(cache_dir)
+    staging = store.paths.new_staging(key)
+    staging.mkdir(parents=True)
+    (staging / ".inflight.json").write_text(json.dumps({"uri": "s3://models/locked", "key": key, "bytes": MiB,
+                                                        "pid": os.getpid(), "host": socket.gethostname()}))
+    with store.lock(key):
+        proc = run_cli("warm", "s3://models/locked", env={"PREFETCH_LOCK_TIMEOUT": "2"}, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
+    assert "PREFETCH_LOCK_TIMEOUT" in proc.stderr and "Traceback" not in proc.stderr
+    assert objects_in(cache_dir) == []
+
+
+def test_sigint_stops_promptly_and_keeps_the_staging_for_resume(s3, cache_dir, tmp_path):
+    size = 32 * MiB
+    blob = upload(s3, tmp_path, "interrupted/w.bin", size, seed=95)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=2 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "4", "PREFETCH_CHUNK_BYTES": str(MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    try:
+        proc = warm_process("s3://models/interrupted", env)
+        wait_until(lambda: staged_bytes(cache_dir) > size * 0.3, 120, "a partial download")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)        # generous: the point is that it ends without waiting for the queued ranges
+        assert proc.returncode == 130, proc.stderr.read()
+        assert objects_in(cache_dir) == []
+        assert list((cache_dir / "staging").glob("*/journal.jsonl"))
+        slow.reset()
+        result = cli_json("warm", "s3://models/interrupted", env=env)["results"][0]
+        resumed = slow.stats()["bytes_out"]
+    finally:
+        slow.stop()
+    assert _committed(result) == {"w.bin": sha256_file(blob)}
+    assert resumed < size * 0.8, resumed
