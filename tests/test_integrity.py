@@ -391,3 +391,60 @@ def test_sigint_stops_promptly_and_keeps_the_staging_for_resume(s3, cache_dir, t
         slow.stop()
     assert _committed(result) == {"w.bin": sha256_file(blob)}
     assert resumed < size * 0.8, resumed
+
+
+# -- F. temporary files outside the artifact namespace -------------------------------------------------------------
+def test_names_that_used_to_clash_with_temporary_files_are_cached(s3, proxy, cache_dir):
+    names = ["model.partition.pkl", "weights.part-00001.bin", "x", "x.part", "x.part.chunks", ".inflight.json",
+             "journal.jsonl", "data/data", "sub/.inflight.json"]
+    client = s3.client(endpoint=s3.direct_endpoint)
+    bodies = {n: os.urandom(1000 + i) for i, n in enumerate(names)}
+    for n, body in bodies.items():
+        client.put_object(Bucket="models", Key=f"oddnames/{n}", Body=body)
+    result = cli_json("warm", "s3://models/oddnames", env=s3.env(proxy.url))["results"][0]
+    root = Path(result["path"])
+    assert {n: (root / n).read_bytes() for n in names} == bodies
+    assert run_cli("verify", result["key"]).returncode == 0
+
+
+def _rewrite_listing(proxy, prefix: str, change) -> None:
+    """Rewrite the next ListObjectsV2 answer for prefix: change(xml text) -> xml text."""
+    proxy.add_fault("rewrite", b"list-type=2", rewrite=lambda body: change(body.decode()).encode())
+
+
+def _contents(key: str, size: int) -> str:
+    return f"<Contents><Key>{key}</Key><Size>{size}</Size><ETag>&#34;{'0' * 32}&#34;</ETag></Contents>"
+
+
+def test_listing_keys_are_fetched_exactly_and_impossible_names_refused(s3, proxy, cache_dir):
+    """Listings rewritten in the proxy (SeaweedFS normalises '//' and refuses './' and '..' in the keys it
+    stores, so such listings are made on the wire): two keys that are one path here, a key with '//', a file and
+    a dir of one name, a name longer than NAME_MAX."""
+    client = s3.client(endpoint=s3.direct_endpoint)
+    client.put_object(Bucket="models", Key="exact/sub/w.bin", Body=b"single slash")
+    env = s3.env(proxy.url)
+
+    def object_gets() -> list[str]:
+        return [r[1] for r in proxy.request_log() if r[0] == "GET" and "list-type" not in r[1]]
+
+    _rewrite_listing(proxy, "exact/", lambda xml: xml.replace("<Contents>", _contents("exact/sub/./w.bin", 12)
+                                                               + "<Contents>", 1))
+    proc = run_cli("warm", "s3://models/exact", env=env)
+    assert proc.returncode == 5 and "exact/sub/./w.bin" in proc.stderr and "exact/sub/w.bin" in proc.stderr, \
+        proc.stderr
+    assert "Traceback" not in proc.stderr and object_gets() == []
+
+    # One key with '//': that exact key is what is asked for, not the normalised exact/sub/w.bin.
+    proxy.reset()
+    _rewrite_listing(proxy, "exact/", lambda xml: xml.replace("exact/sub/w.bin", "exact/sub//w.bin"))
+    run_cli("warm", "s3://models/exact", env=env)
+    assert object_gets() and all(t == "/models/exact/sub//w.bin" for t in object_gets()), object_gets()
+
+    client.put_object(Bucket="models", Key="clash/a/b.bin", Body=b"b")
+    for extra, needle in [(_contents("clash/a", 1), "'a'"), (_contents("clash/" + "n" * 300, 1), "n" * 300)]:
+        proxy.reset()
+        _rewrite_listing(proxy, "clash/", lambda xml, extra=extra: xml.replace("<Contents>", extra + "<Contents>", 1))
+        proc = run_cli("warm", "s3://models/clash", env=env)
+        assert proc.returncode == 5 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert object_gets() == []
+    assert not [k for k in objects_in(cache_dir) if "clash" in k]
