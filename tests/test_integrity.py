@@ -331,6 +331,20 @@ def test_a_byte_flipped_in_transit_is_never_committed(s3, proxy, cache_dir, tmp_
     assert not list((cache_dir / "staging").iterdir())
 
 
+def test_resets_truncated_bodies_and_5xx_bursts_are_retried_from_where_they_stopped(s3, proxy, cache_dir, tmp_path):
+    size = 12 * MiB
+    blob = upload(s3, tmp_path, "bumpy/w.bin", size, seed=75)
+    env = {**s3.env(proxy.url), "PREFETCH_CHUNK_BYTES": str(4 * MiB), "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB),
+           "PREFETCH_MAX_CONCURRENCY": "2"}
+    proxy.add_fault("reset", b"bumpy/w.bin", range_start=0, after=MiB)
+    proxy.add_fault("truncate", b"bumpy/w.bin", range_start=4 * MiB, after=2 * MiB)
+    proxy.add_fault("503", b"bumpy/w.bin", range_start=8 * MiB, count=3)
+    result = cli_json("warm", "s3://models/bumpy", env=env)["results"][0]
+    assert proxy.stats()["faults_served"] == 5
+    assert _committed(result) == {"w.bin": sha256_file(blob)}
+    assert proxy.stats()["bytes_out"] < size * 1.3      # resumed from the byte reached, not from the range start
+
+
 # -- E. deadlines --------------------------------------------------------------------------------------------------
 def test_trickle_and_stall_are_abandoned_and_retried(s3, proxy, cache_dir, tmp_path):
     blob = upload(s3, tmp_path, "slowpoke/w.bin", 2 * MiB, seed=80)
