@@ -9,9 +9,11 @@ chunk size, so a chunk index means the same bytes only while both are unchanged.
 decides how chunks are grouped into GETs (one stream or one GET per chunk), never where chunks start, so a
 changed threshold keeps every durable chunk.
 
-Ordering is what makes a record trustworthy: the transfer fdatasyncs a chunk's bytes, then `record()` appends
-the line and fsyncs the journal. A crash between the two loses the record, never the other way round. A record
-torn by a crash (the last line cut short) is ignored.
+Ordering is what makes a record trustworthy: a chunk's line is appended (and the journal fsynced) only after its
+bytes are fdatasynced. A crash between the two loses the record, never the other way round. A record torn by a
+crash (the last line cut short) is ignored. Records are group-committed: workers `add()` finished chunks, and
+`flush()` (every half second, from one thread) fdatasyncs each file that has new chunks once, then appends all
+their lines with one fsync, so no worker ever waits on the disk and a crash loses at most the last half second.
 
 On open, a file whose layout or origin identity differs from the one recorded (a new chunk size, a new size,
 another ETag or version id: the object changed at the origin) starts over: its records are dropped and its data
@@ -53,6 +55,7 @@ class Journal:
         self.data_dir = data_dir
         self._lock = threading.Lock()
         self._closed = False
+        self._pending: dict[str, dict[int, str]] = {}
         old_layouts, old_records = self._read()
         self.restarted: list[str] = []
         self._done: dict[str, dict[int, str]] = {p: {} for p in layouts}
@@ -117,6 +120,37 @@ class Journal:
         """{chunk index: sha256} of the chunks of `path` already durable in data/."""
         return dict(self._done.get(path, {}))
 
+    def add(self, path: str, index: int, sha256: str) -> None:
+        """A chunk whose bytes are written (not yet durable): recorded by the next flush()."""
+        with self._lock:
+            if not self._closed:
+                self._pending.setdefault(path, {})[index] = sha256
+
+    def flush(self) -> None:
+        """Make the added chunks durable: fdatasync each of their files once, then one journal append + fsync."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        lines = []
+        for path, chunks in pending.items():
+            try:
+                fd = os.open(self.data_dir / path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue   # started over meanwhile: nothing of it to vouch for
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            lines += [json.dumps({"p": path, "i": i, "s": s}) for i, s in sorted(chunks.items())]
+        with self._lock:
+            if self._closed or not lines:
+                return
+            os.write(self._fd, ("\n".join(lines) + "\n").encode())
+            os.fsync(self._fd)
+            for path, chunks in pending.items():
+                self._done.setdefault(path, {}).update(chunks)
+
     def record(self, path: str, index: int, sha256: str) -> bool:
         """Mark a chunk durable. Call only after its bytes are fdatasynced. False once the journal is closed
         (a cancelled worker finishing late must not vouch for bytes a restart has already dropped)."""
@@ -133,6 +167,7 @@ class Journal:
         """Forget every chunk of one file (its bytes failed the origin's check, or the origin changed it)."""
         with self._lock:
             self._done[path] = {}
+            self._pending.pop(path, None)
             line = (json.dumps({"p": path, "restart": True}) + "\n").encode()
             if not self._closed:
                 os.write(self._fd, line)

@@ -11,7 +11,8 @@ every knob, a manager that runs the work on a pool of workers, progress sent to 
   one hashing block: below `(max_concurrency + 2) x chunk_bytes` whatever the completion order or the model size
   (s3transfer bounds the same thing with its SlidingWindowSemaphore).
 - Durable progress: a chunk is recorded done in the journal (prefetch/journal.py) only after its bytes are
-  fdatasynced; a resume skips recorded chunks and re-hashes them from disk against their recorded sha256.
+  fdatasynced (group-committed every FLUSH_EVERY seconds by one thread, so workers never wait on the disk); a
+  resume skips recorded chunks and re-hashes them from disk against their recorded sha256.
 - A retryable failure (5xx, timeout, reset, a connection slower than `min_rate` over `min_rate_window`) is
   retried from the byte where it stopped, with exponential backoff and jitter, up to `max_attempts` per range.
 - A file whose bytes fail the origin's check is fetched again from scratch (up to `max_attempts` times, then exit
@@ -45,6 +46,7 @@ from .store import FileEntry
 # (False: found on disk from an earlier, interrupted run).
 ProgressCallback = Callable[[int, bool], None]
 HASH_BLOCK = 4 << 20
+FLUSH_EVERY = 0.5     # seconds between group commits of the journal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +85,7 @@ class _File:
         self.reset({})
 
     def reset(self, done: dict[int, str]) -> None:
-        self.done = dict(done)            # chunk index -> sha256, durable
+        self.done = dict(done)            # chunk index -> sha256, written (the journal makes it durable)
         self.resumed = set(done)          # done by an earlier run: re-hashed from disk and compared
         self.hashed = 0                   # chunks before this index are in the whole-file hashers
         self.hashing = False
@@ -177,7 +179,14 @@ class _Run:
         for lo, hi in tasks:
             self.queue.put((state, lo, hi))
 
+    def _flusher(self) -> None:
+        while not self.cancelled.wait(FLUSH_EVERY):
+            self.journal.flush()
+
     def _start_workers(self) -> None:
+        t = threading.Thread(target=self._flusher, name="prefetch-journal", daemon=True)
+        self.threads.append(t)
+        t.start()
         for _ in range(max(1, min(self.config.max_concurrency, self.queue.qsize()))):
             t = threading.Thread(target=self._worker, name="prefetch-get", daemon=True)
             self.threads.append(t)
@@ -205,6 +214,7 @@ class _Run:
             raise
         finally:
             self.cancelled.set()      # the workers idle on the queue; this lets them go
+            self.journal.flush()      # what is written now is what a resume starts from
 
     def _drain(self) -> None:
         while True:
@@ -265,9 +275,10 @@ class _Run:
                             offset += len(piece)
                             view = view[len(piece):]
                             if offset == chunk_end:
-                                os.fdatasync(fd)     # the bytes are durable before the journal says so
-                                if not self.journal.record(path, chunk, hasher.hexdigest()):
-                                    return
+                                # Journaled (by the flusher, once durable) only for files of several chunks: a
+                                # one-chunk file lost in a crash costs one small GET; the commit fsyncs it.
+                                if state.n > 1:
+                                    self.journal.add(path, chunk, hasher.hexdigest())
                                 self._chunk_done(state, chunk, hasher.hexdigest())
                                 chunk += 1
                                 chunk_end = state.bounds(chunk)[1] if chunk < state.n else end
