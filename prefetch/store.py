@@ -210,8 +210,8 @@ class Store:
         return FileLock(str(path), timeout=timeout)
 
     def staging_for(self, key: str) -> Path:
-        """Staging dir for key. Call with the key's lock held. Reuses a dir left by a killed process,
-        so its .part files resume; extra leftovers are removed."""
+        """Staging dir for key. Call with the key's lock held. Reuses a dir left by a killed process, so what its
+        journal vouches for resumes (prefetch/journal.py); extra leftovers are removed."""
         root = self.paths.staging_root()
         root.mkdir(parents=True, exist_ok=True)
         leftovers = sorted(root.glob(f"{key}.*"), key=lambda p: p.stat().st_mtime, reverse=True)
