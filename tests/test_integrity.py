@@ -234,6 +234,30 @@ def test_resume_after_a_changed_layout_commits_the_right_bytes(changed, s3, cach
         assert fetched < size * 0.8   # the threshold only groups chunks into GETs: durable chunks were kept
 
 
+def test_a_staged_chunk_damaged_on_disk_is_not_trusted_on_resume(s3, cache_dir, tmp_path):
+    """The journal vouches for a chunk's sha256, not just for its presence: a resumed chunk is hashed again."""
+    size = 32 * MiB
+    expected = _model(s3, tmp_path, "damaged", {"w.bin": size}, seed=45)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=4 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "2", "PREFETCH_CHUNK_BYTES": str(2 * MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    try:
+        _kill_midway("s3://models/damaged", env, cache_dir, size)
+        journal = next((cache_dir / "staging").glob("*/journal.jsonl"))
+        recorded = [json.loads(line) for line in journal.read_text().splitlines()[1:] if '"i"' in line]
+        assert recorded, "no chunk was journaled before the kill"
+        with open(journal.parent / "data" / "w.bin", "r+b") as f:   # one byte of a journaled chunk
+            f.seek(recorded[0]["i"] * 2 * MiB + 100)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        result = cli_json("warm", "s3://models/damaged", env=env)["results"][0]
+    finally:
+        slow.stop()
+    assert _committed(result) == expected
+    assert "w.bin" in result["note"]
+
+
 def _registered(mlflow_direct, s3, use_env, name: str, size: int) -> tuple[str, str]:
     """A registry version (its key does not depend on the bytes) with one big file; (models:/ URI, its S3 key)."""
     use_env(mlflow_direct.env())
