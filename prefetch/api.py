@@ -17,7 +17,9 @@ from typing import Callable
 
 from . import metrics
 from .config import Settings, human_bytes
-from .errors import NoSpace, TransientOrUnreachable
+from .errors import IntegrityError, NoSpace, TransientOrUnreachable
+from .integrity import OriginChanged
+from .store.staging import data_dir
 from .store import Manifest, Store, allocated_bytes, lifecycle
 from .store.lifecycle import Lease
 from .transfer import TransferConfig, TransferManager
@@ -50,8 +52,27 @@ def warm(uri: str, format: str = "native", *, settings: Settings | None = None, 
          convert_options: dict | None = None) -> Warmed:
     """Make uri's artifacts present on this node's disk (once per node, whatever the number of callers)."""
     settings = settings or Settings.load()
-    store = Store(settings.cache_dir)
     started = time.monotonic()
+    for attempt in range(ORIGIN_RESTARTS + 1):
+        try:
+            warmed = _warm(uri, format, settings, progress, convert_options, started)
+        except OriginChanged as e:
+            # The listing changed while we downloaded (a key that hashes the listing): identify it again.
+            if attempt == ORIGIN_RESTARTS:
+                raise
+            changed = e
+            continue
+        if attempt:
+            note = f"the origin changed during the download ({changed.message}); listed again and fetched the new content"
+            warmed = dataclasses.replace(warmed, resolved=dataclasses.replace(
+                warmed.resolved, note="; ".join(filter(None, [warmed.resolved.note, note]))))
+        return warmed
+    raise AssertionError("unreachable")
+
+
+def _warm(uri: str, format: str, settings: Settings, progress: Progress | None, convert_options: dict | None,
+          started: float) -> Warmed:
+    store = Store(settings.cache_dir)
     resolved = identify(uri, settings, store)
     # A conversion reads the native object after this returns: lease it first so eviction cannot take it.
     lease = Lease.acquire(store, resolved.key, holder=f"warm --format {format}") if format != "native" else None
@@ -59,12 +80,18 @@ def warm(uri: str, format: str = "native", *, settings: Settings | None = None, 
         manifest = store.lookup(resolved.key)
         origin_bytes, fetched = 0, False
         if manifest is None:
-            with store.lock(resolved.key):
+            from .store.locks import key_lock
+
+            with key_lock(store, resolved.key, settings.lock_timeout, resolved.uri):
                 manifest = store.lookup(resolved.key)   # another process may have finished while we waited
                 if manifest is None:
                     metrics.record_miss()
                     fetch_started = time.monotonic()
-                    manifest, origin_bytes = _fetch(resolved, settings, store, progress)
+                    manifest, origin_bytes, restarted = _fetch(resolved, settings, store, progress)
+                    if restarted:
+                        note = f"fetched again from scratch (changed at the origin or failed its check): " \
+                               f"{', '.join(sorted(set(restarted)))}"
+                        resolved = dataclasses.replace(resolved, note="; ".join(filter(None, [resolved.note, note])))
                     metrics.record_download(time.monotonic() - fetch_started, origin_bytes)
                     fetched = True
         if not fetched:
@@ -93,35 +120,64 @@ def _complete(resolved: Resolved, manifest: Manifest) -> Resolved:
     return dataclasses.replace(resolved, **fields) if fields else resolved
 
 
-def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progress | None) -> tuple[Manifest, int]:
-    """Miss path, with the key's lock held: locate, check space, download into staging, commit."""
-    source, files, resolved = locate(resolved, settings)
-    total = sum(f.size for f in files)
+ORIGIN_RESTARTS = 3   # listings taken again when objects change under us, before giving up (exit 4)
+
+
+def _fetch(resolved: Resolved, settings: Settings, store: Store,
+           progress: Progress | None) -> tuple[Manifest, int, list[str]]:
+    """Miss path, with the key's lock held: locate, check space, download into staging, commit.
+
+    Returns the manifest, the bytes pulled from the origin, and the files fetched again from scratch."""
+    import socket
+
     staging = store.staging_for(resolved.key)
-    wrote_anything = False
+    restarted: list[str] = []
+    fetched = 0
     try:
-        _ensure_space(store, settings, total, staging, resolved)
-        inflight = store.paths.inflight(staging)   # what is being fetched, by whom (read by `status` and gc)
-        inflight.write_text(json.dumps({"uri": resolved.uri, "key": resolved.key, "bytes": total,
-                                        "pid": os.getpid(), "started_at": time.time()}))
-        counter = _Counter(total, progress)
-        entries = TransferManager(source, TransferConfig.from_settings(settings), [counter]).download(files, staging)
-        wrote_anything = True
-        inflight.unlink()
+        for attempt in range(ORIGIN_RESTARTS + 1):
+            source, files, resolved = locate(resolved, settings)
+            total = sum(f.size for f in files)
+            _ensure_space(store, settings, total, staging, resolved)
+            store.paths.inflight(staging).write_text(json.dumps({
+                "uri": resolved.uri, "key": resolved.key, "bytes": total, "pid": os.getpid(),
+                "host": socket.gethostname(), "started_at": time.time()}))
+            counter = _Counter(total, progress)
+            manager = TransferManager(source, TransferConfig.from_settings(settings), [counter])
+            try:
+                entries = manager.download(files, staging)
+            except OriginChanged:
+                fetched += counter.fetched
+                restarted += manager.restarted
+                if attempt == ORIGIN_RESTARTS or "files" in resolved.identity:
+                    # The key is a hash of the listing (s3://, mlflow-artifacts:/, paths): new content is a new
+                    # key, so the whole warm starts again from identify (warm() does it); this staging is moot.
+                    store.discard_staging(staging)
+                    raise
+                # A registry version whose files changed under it: list again; the journal drops what belonged
+                # to the old version of each changed file, the rest resumes.
+                resolved = dataclasses.replace(resolved, files=None, source=None)
+                continue
+            fetched += counter.fetched
+            restarted += manager.restarted
+            break
+        store.paths.inflight(staging).unlink()
         manifest = Manifest(
             key=resolved.key, uri=resolved.uri, source=resolved.storage_uri or resolved.uri,
             identity=resolved.identity,
             resolved={k: getattr(resolved, k) for k in ("name", "version", "run_id", "model_id", "kind")},
             files=entries, created_at=time.time())
-        store.commit(staging, manifest)
-        return manifest, counter.fetched
+        store.commit(data_dir(staging), manifest)
+        store.discard_staging(staging)
+        return manifest, fetched, restarted
     except BaseException as e:
-        # A download the origin cut off halfway keeps its staging dir so the next try resumes; anything
-        # else (bad listing, no space, integrity, ^C before any byte) leaves nothing behind.
-        if not (isinstance(e, TransientOrUnreachable) and allocated_bytes(staging) > 0) or wrote_anything:
+        # The journal makes any staged byte safe to resume from: keep the staging dir when the origin cut us
+        # off or the user pressed ^C; anything else (bad listing, no space, integrity) leaves nothing behind.
+        keep = (isinstance(e, (*TransientOrUnreachable, OriginChanged, KeyboardInterrupt))
+                and allocated_bytes(staging) > 0)
+        if not keep or isinstance(e, IntegrityError):
             store.discard_staging(staging)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            # The disk filled outside transfer's own writes (a .part.chunks log, the manifest, a mkdir).
+            # The disk filled outside transfer's own writes (the journal, the manifest, a mkdir).
             raise NoSpace(f"disk full while writing into {store.root}", resolved.uri) from None
         raise
 
@@ -194,13 +250,14 @@ def _repair(store: Store, settings: Settings, manifest: Manifest, bad: set[str])
 
     with store.lock(manifest.key):
         staging = store.paths.new_staging(manifest.key)
-        staging.mkdir(parents=True)
+        data = data_dir(staging)
+        data.mkdir(parents=True)
         try:
             base = store.paths.object_dir(manifest.key)
             for f in manifest.files:
                 if f.path not in bad:
-                    (staging / f.path).parent.mkdir(parents=True, exist_ok=True)
-                    os.link(base / f.path, staging / f.path)
+                    (data / f.path).parent.mkdir(parents=True, exist_ok=True)
+                    os.link(base / f.path, data / f.path)
             source = open_source(manifest.source, settings, tracking_uri())
             fetch = [f for f in manifest.files if f.path in bad]
             fresh = {f.path: f for f in TransferManager(source, TransferConfig.from_settings(settings)).download(fetch, staging)}
@@ -208,7 +265,7 @@ def _repair(store: Store, settings: Settings, manifest: Manifest, bad: set[str])
                 if f.sha256 and fresh[f.path].sha256 != f.sha256:
                     raise IntegrityError(f"{f.path}: the origin now serves different bytes than when cached; "
                                          f"`prefetch rm {manifest.key}` and warm again", manifest.uri)
-            store.replace(manifest.key, staging, manifest)
+            store.replace(manifest.key, data, manifest)
         finally:
             store.discard_staging(staging)
 

@@ -23,6 +23,9 @@ _ENV = {
     "read_timeout": "PREFETCH_READ_TIMEOUT",
     "high_watermark": "PREFETCH_HIGH_WATERMARK",
     "low_watermark": "PREFETCH_LOW_WATERMARK",
+    "min_rate": "PREFETCH_MIN_RATE",
+    "min_rate_window": "PREFETCH_MIN_RATE_WINDOW",
+    "lock_timeout": "PREFETCH_LOCK_TIMEOUT",
 }
 
 
@@ -58,7 +61,10 @@ class Settings:
     multipart_threshold: int = 16 << 20   # files at least this big are fetched in ranges
     max_attempts: int = 5                 # per request, with exponential backoff
     connect_timeout: float = 5.0
-    read_timeout: float = 60.0
+    read_timeout: float = 60.0            # no byte for this long: the connection is abandoned, the range retried
+    min_rate: int = 64 << 10              # bytes/s a connection must average over min_rate_window, or be retried
+    min_rate_window: float = 30.0
+    lock_timeout: float = 3600.0          # a waiter for another process's download of the same key gives up (exit 4)
 
     @classmethod
     def load(cls, **overrides) -> "Settings":
@@ -86,6 +92,8 @@ class Settings:
 def _coerce(field: dataclasses.Field, value):
     if field.name == "cache_dir":
         return Path(value).expanduser().resolve()
+    if field.name == "min_rate":
+        return parse_bytes(str(value))
     if field.name in ("max_bytes", "chunk_bytes", "multipart_threshold"):
         return None if value in (None, "", "0", 0) and field.name == "max_bytes" else parse_bytes(str(value))
     if field.name in ("max_concurrency", "max_attempts"):

@@ -1,14 +1,25 @@
 """Parallel chunked copy from a Source into a staging dir (the shape of s3transfer: a config object holding
-every knob, a manager that runs the work on a thread pool, progress sent to subscribers).
+every knob, a manager that runs the work on a pool of workers, progress sent to subscribers).
 
-- Files at least `multipart_threshold` big are split into `chunk_bytes` ranges fetched in parallel; all
-  files and ranges share one pool of `max_concurrency` workers (concurrency across files is what wins on
-  a far link with many small files).
-- A retryable failure (5xx, timeout, reset) is retried from the byte where it stopped, with exponential
-  backoff and jitter, up to `max_attempts` per range.
-- Resume after a crash: a file in flight is `<path>.part`; a ranged file also has `<path>.part.chunks`
-  listing its finished ranges. A new run in the same staging dir skips what is already there.
-- sha256 is computed while the bytes arrive: each file's hasher follows its contiguous finished prefix.
+- Every file is cut into a grid of `chunk_bytes` chunks. Files at least `multipart_threshold` big get one GET per
+  chunk, fetched in parallel; smaller files are one GET streaming through their chunks. All files and chunks share
+  one pool of `max_concurrency` workers (concurrency across files is what wins on a far link with many files).
+- Bounded memory: a worker writes each block to its offset (pwrite) as it arrives and hashes it into its chunk's
+  sha256; nothing waits in memory for an earlier range. The whole-file sha256 (and the origin's MD5/checksum,
+  prefetch/integrity.py) is computed in order by reading the finished prefix back from the page cache, one 4 MiB
+  block at a time. So at any moment this process holds at most `max_concurrency` read blocks (<= 1 MiB each) plus
+  one hashing block: below `(max_concurrency + 2) x chunk_bytes` whatever the completion order or the model size
+  (s3transfer bounds the same thing with its SlidingWindowSemaphore).
+- Durable progress: a chunk is recorded done in the journal (prefetch/store/journal.py) only after its bytes are
+  fdatasynced (group-committed every FLUSH_EVERY seconds by one thread, so workers never wait on the disk); a
+  resume skips recorded chunks and re-hashes them from disk against their recorded sha256.
+- A retryable failure (5xx, timeout, reset, a connection slower than `min_rate` over `min_rate_window`) is
+  retried from the byte where it stopped, with exponential backoff and jitter, up to `max_attempts` per range.
+- A file whose bytes fail the origin's check is fetched again from scratch (up to `max_attempts` times, then exit
+  5); an object that changed at the origin mid-download (HTTP 412 on If-Match) stops the transfer with
+  OriginChanged, and the caller lists again and resumes (the journal drops the changed files).
+- Cancellation (^C, an error elsewhere): workers are daemon threads that stop at their next block; queued ranges
+  are never started, and the staging dir with its journal stays for a resume.
 """
 from __future__ import annotations
 
@@ -16,20 +27,25 @@ import dataclasses
 import errno
 import hashlib
 import os
+import queue
 import random
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import Settings
-from .errors import NoSpace, PrefetchError, Unreachable
+from .errors import IntegrityError, NoSpace, PrefetchError, Unreachable
+from .integrity import Checker, OriginChanged, OriginFacts
+from .store.journal import Journal, layout_of
 from .sources.base import FileEntry, Source, TransientError
+from .store.staging import data_dir, refuse_impossible_names
 
 # Called from worker threads with a number of bytes now present, and whether they came from the origin just now
 # (False: found on disk from an earlier, interrupted run).
 ProgressCallback = Callable[[int, bool], None]
+HASH_BLOCK = 4 << 20
+FLUSH_EVERY = 0.5     # seconds between group commits of the journal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,80 +56,45 @@ class TransferConfig:
     max_attempts: int = 5
     backoff_base: float = 0.2
     backoff_max: float = 5.0
+    min_rate: float = 64 << 10          # bytes/s a connection must sustain over min_rate_window
+    min_rate_window: float = 30.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> "TransferConfig":
         return cls(max_concurrency=s.max_concurrency, chunk_bytes=s.chunk_bytes,
-                   multipart_threshold=s.multipart_threshold, max_attempts=s.max_attempts)
+                   multipart_threshold=s.multipart_threshold, max_attempts=s.max_attempts,
+                   min_rate=s.min_rate, min_rate_window=s.min_rate_window)
+
+    def memory_bound(self) -> int:
+        """Most bytes of file data this transfer holds in memory at once (the documented bound)."""
+        return (self.max_concurrency + 2) * self.chunk_bytes
 
 
-class _FileState:
-    """One file being assembled in `<path>.part`: which ranges are done, and the in-order hasher."""
+class _File:
+    """One file being assembled in data/<path>: its chunk grid, the durable chunks, the in-order hasher."""
 
-    def __init__(self, entry: FileEntry, final: Path, ranges: list[tuple[int, int]]):
+    def __init__(self, entry: FileEntry, path: Path, chunk_bytes: int, facts: OriginFacts):
         self.entry = entry
-        self.final = final
-        self.part = final.with_name(final.name + ".part")
-        self.chunks_log = final.with_name(final.name + ".part.chunks")
-        self.ranges = ranges
+        self.path = path
+        self.chunk_bytes = chunk_bytes
+        self.n = -(-entry.size // chunk_bytes) if entry.size else 0
+        self.facts = facts
         self.lock = threading.Lock()
-        self.hasher = hashlib.sha256()
-        self.cursor = 0           # ranges before this index are hashed
-        self.done: set[int] = set()
-        self.pending: dict[int, list[bytes]] = {}  # finished out of order, waiting to be hashed
-        self.sha256: str | None = None
+        self.attempts = 0
+        self.reset({})
 
-    def resumable_done(self) -> set[int]:
-        """Ranges finished by an earlier, killed run (only trusted if the .part file is still there)."""
-        if len(self.ranges) == 1 or not self.part.exists() or not self.chunks_log.exists():
-            return set()
-        return {int(x) for x in self.chunks_log.read_text().split() if x.isdigit() and int(x) < len(self.ranges)}
+    def reset(self, done: dict[int, str]) -> None:
+        self.done = dict(done)            # chunk index -> sha256, written (the journal makes it durable)
+        self.resumed = set(done)          # done by an earlier run: re-hashed from disk and compared
+        self.hashed = 0                   # chunks before this index are in the whole-file hashers
+        self.hashing = False
+        self.sha256 = hashlib.sha256()
+        self.checker = Checker(self.facts, self.entry.size)
+        self.result: str | None = None
 
-    def range_finished(self, index: int, blocks: list[bytes] | None = None) -> bool:
-        """Record a finished range and hash whatever prefix is now contiguous; True when the file is complete.
-
-        `blocks` are the range's bytes when the caller still holds them (hashed from memory); ranges finished
-        by an earlier run, and single-stream files, are hashed from the .part file."""
-        with self.lock:
-            self.done.add(index)
-            if blocks is not None:
-                self.pending[index] = blocks
-            if len(self.ranges) > 1:
-                with open(self.chunks_log, "a") as log:
-                    log.write(f"{index}\n")
-            while self.cursor in self.done:
-                held = self.pending.pop(self.cursor, None)
-                if held is not None:
-                    for block in held:
-                        self.hasher.update(block)
-                else:
-                    self._hash_from_disk(*self.ranges[self.cursor])
-                self.cursor += 1
-            if len(self.done) < len(self.ranges):
-                return False
-            self.sha256 = self.hasher.hexdigest()
-            # Flush now, on this worker, while other files are still arriving: the commit's fsync then
-            # finds clean pages instead of flushing the whole artifact at the end.
-            fd = os.open(self.part, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(self.part, self.final)
-            if self.chunks_log.exists():
-                self.chunks_log.unlink()
-            return True
-
-    def _hash_from_disk(self, start: int, end: int) -> None:
-        with open(self.part, "rb") as f:
-            f.seek(start)
-            remaining = end - start
-            while remaining:
-                block = f.read(min(4 << 20, remaining))
-                if not block:
-                    break
-                self.hasher.update(block)
-                remaining -= len(block)
+    def bounds(self, index: int) -> tuple[int, int]:
+        start = index * self.chunk_bytes
+        return start, min(start + self.chunk_bytes, self.entry.size)
 
 
 class TransferManager:
@@ -121,125 +102,297 @@ class TransferManager:
         self.source = source
         self.config = config
         self.progress = list(progress)
+        self.restarted: list[str] = []    # files fetched again (origin check failed, or changed at the origin)
 
     def _report(self, n: int, fetched: bool = True) -> None:
         for cb in self.progress:
             cb(n, fetched)
 
-    def _ranges(self, size: int) -> list[tuple[int, int]]:
+    def download(self, files: Sequence[FileEntry], staging: Path) -> list[FileEntry]:
+        """Fetch every file into staging/data (resuming what the journal vouches for); returns entries with
+        sha256, per-chunk sha256s and the origin check that was made."""
         c = self.config
-        if size < c.multipart_threshold or not self.source.supports_ranges:
-            return [(0, size)]
-        return [(s, min(s + c.chunk_bytes, size)) for s in range(0, size, c.chunk_bytes)]
-
-    def download(self, files: Sequence[FileEntry], dest: Path) -> list[FileEntry]:
-        """Fetch every file into dest (resuming what an earlier run left there); returns entries with sha256."""
-        states: list[_FileState] = []
-        work: list[tuple[_FileState, int]] = []
-        for entry in sorted(files, key=lambda f: -f.size):  # big files first; small ones fill the gaps
-            final = dest / entry.path
-            final.parent.mkdir(parents=True, exist_ok=True)
-            state = _FileState(entry, final, self._ranges(entry.size))
-            states.append(state)
-            if final.exists() and final.stat().st_size == entry.size:
-                state.sha256 = _sha256(final)     # finished by an earlier run
-                self._report(entry.size, fetched=False)
-                continue
-            previously = state.resumable_done()
-            if not previously and state.part.exists() and len(state.ranges) > 1:
-                state.part.unlink()               # no record of which ranges are good: start over
-            with open(state.part, "ab") as f:     # create, keep what is there
-                if len(state.ranges) > 1:
+        data = data_dir(staging)
+        refuse_impossible_names([f.path for f in files], data, self.source.uri)
+        facts = {f.path: self._facts(f) for f in files}
+        layouts = {f.path: layout_of(f.size, facts[f.path].etag, facts[f.path].version_id, c.chunk_bytes)
+                   for f in files}
+        journal = Journal(staging, data, layouts, c.chunk_bytes, c.multipart_threshold)
+        self.restarted += journal.restarted
+        states = []
+        for entry in sorted(files, key=lambda f: -f.size):   # big files first; small ones fill the gaps
+            state = _File(entry, data / entry.path, c.chunk_bytes, facts[entry.path])
+            state.path.parent.mkdir(parents=True, exist_ok=True)
+            done = {i: s for i, s in journal.done(entry.path).items() if i < state.n}
+            with open(state.path, "ab") as f:     # create, keep what the journal vouches for
+                if f.tell() != entry.size:
                     f.truncate(entry.size)
-            for i in range(len(state.ranges)):
-                if i in previously:
-                    self._report(state.ranges[i][1] - state.ranges[i][0], fetched=False)
-                    if state.range_finished(i):
-                        break
-                else:
-                    work.append((state, i))
-        if work:
-            self._run(work)
-        return [dataclasses.replace(s.entry, sha256=s.sha256) for s in states]
-
-    def _run(self, work: list[tuple[_FileState, int]]) -> None:
-        cancelled = threading.Event()
-        with ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix="prefetch-get") as pool:
-            futures = [pool.submit(self._fetch_range, state, i, cancelled) for state, i in work]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            errors = [f.exception() for f in done if f.exception() is not None]
-            if errors:
-                cancelled.set()
-                for f in pending:
-                    f.cancel()
-                wait(pending)
-                raise errors[0]
-
-    def _fetch_range(self, state: _FileState, index: int, cancelled: threading.Event) -> None:
-        start, end = self.state_range(state, index)
-        if start > state.ranges[index][0]:
-            self._report(start - state.ranges[index][0], fetched=False)   # resumed from a .part on disk
-        path = state.entry.path
-        attempt = 0
-        # Ranged files keep their range's bytes until hashed in order (bounded by the pool: ranges are
-        # submitted in order); a single-stream file may be huge, so it is hashed from disk.
-        blocks: list[bytes] | None = [] if len(state.ranges) > 1 else None
-        fd = os.open(state.part, os.O_WRONLY)
+            state.reset(done)
+            states.append(state)
+        run = _Run(self, journal)
         try:
-            offset = start
+            for state in states:
+                for i in state.done:
+                    self._report(state.bounds(i)[1] - state.bounds(i)[0], fetched=False)
+                run.enqueue_file(state)
+            run.wait(states)
+        finally:
+            journal.close()
+        return [dataclasses.replace(s.entry, sha256=s.result, origin_check=s.checker.check,
+                                    version_id=s.facts.version_id,
+                                    chunks={"size": c.chunk_bytes, "sha256": [s.done[i] for i in range(s.n)]})
+                for s in states]
+
+    def _facts(self, entry: FileEntry) -> OriginFacts:
+        facts = getattr(self.source, "origin_facts", None)
+        return facts(entry) if facts is not None else OriginFacts()
+
+    def tasks_for(self, state: _File) -> list[tuple[int, int]]:
+        """Chunk spans [lo, hi) to fetch, one GET each: one per chunk for a big file, one stream for a small one."""
+        missing = [i for i in range(state.n) if i not in state.done]
+        if not missing:
+            return []
+        if state.entry.size >= self.config.multipart_threshold and self.source.supports_ranges:
+            return [(i, i + 1) for i in missing]
+        return [(missing[0], state.n)] if self.source.supports_ranges else [(0, state.n)]
+
+
+class _Run:
+    """One download's workers: daemon threads pulling chunk spans off a queue; the first error stops them all."""
+
+    def __init__(self, manager: TransferManager, journal: Journal):
+        self.m = manager
+        self.config = manager.config
+        self.journal = journal
+        self.queue: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.changed = threading.Condition()
+        self.error: BaseException | None = None
+        self.threads: list[threading.Thread] = []
+
+    def enqueue_file(self, state: _File) -> None:
+        tasks = self.m.tasks_for(state)
+        if not tasks:
+            self._advance(state)      # everything was on disk: hash it (and check it) now
+            return
+        for lo, hi in tasks:
+            self.queue.put((state, lo, hi))
+
+    def _flusher(self) -> None:
+        while not self.cancelled.wait(FLUSH_EVERY):
+            self.journal.flush()
+
+    def _start_workers(self) -> None:
+        t = threading.Thread(target=self._flusher, name="prefetch-journal", daemon=True)
+        self.threads.append(t)
+        t.start()
+        for _ in range(max(1, min(self.config.max_concurrency, self.queue.qsize()))):
+            t = threading.Thread(target=self._worker, name="prefetch-get", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def wait(self, states: list[_File]) -> None:
+        """Until every file is hashed and checked, or the first error. Never blocks ^C for long: the wait
+        wakes every 0.2 s, and on the way out queued spans are dropped and workers stop at their next block."""
+        self._start_workers()
+        try:
+            with self.changed:
+                while self.error is None and any(s.result is None for s in states):
+                    self.changed.wait(0.2)
+            if self.error is not None:
+                raise self.error
+        except BaseException as e:
+            self.cancelled.set()
+            self._drain()
+            if not isinstance(e, KeyboardInterrupt):
+                # Let workers reach their next block. One stuck in a read past this only writes bytes of an
+                # unchanged object to their own offsets, or into the unlinked inode of a file that starts over.
+                deadline = time.monotonic() + 5
+                for t in self.threads:
+                    t.join(max(0.0, deadline - time.monotonic()))
+            raise
+        finally:
+            self.cancelled.set()      # the workers idle on the queue; this lets them go
+            self.journal.flush()      # what is written now is what a resume starts from
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail(self, error: BaseException) -> None:
+        with self.changed:
+            if self.error is None:
+                self.error = error
+            self.cancelled.set()
+            self.changed.notify_all()
+
+    def _worker(self) -> None:
+        # Workers stay until the run ends: a file fetched again after a failed origin check re-queues its chunks.
+        while not self.cancelled.is_set():
+            try:
+                state, lo, hi = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._fetch_span(state, lo, hi)
+            except BaseException as e:   # noqa: BLE001 - handed to the waiting thread
+                self._fail(e)
+                return
+
+    # -- one GET ---------------------------------------------------------------------------------------
+    def _fetch_span(self, state: _File, lo: int, hi: int) -> None:
+        c = self.config
+        path = state.entry.path
+        while lo < hi and lo in state.done:
+            lo += 1
+        if lo >= hi:
+            return
+        start, end = state.bounds(lo)[0], state.bounds(hi - 1)[1]
+        offset, chunk = start, lo
+        chunk_end = state.bounds(chunk)[1]
+        hasher = hashlib.sha256()
+        attempt = 0
+        fd = os.open(state.path, os.O_WRONLY)
+        try:
             while True:
-                if cancelled.is_set():
+                if self.cancelled.is_set():
                     return
+                window_start, window_bytes = time.monotonic(), 0
                 try:
-                    for block in self.source.read(path, offset, end):
+                    for block in self.m.source.read(path, offset, end):
                         if offset + len(block) > end:
-                            raise PrefetchError(f"{path}: origin sent more bytes than its listing said ({state.entry.size})",
-                                                self.source.uri)
-                        _pwrite_all(fd, block, offset)
-                        if blocks is not None:
-                            blocks.append(block)
-                        offset += len(block)
-                        self._report(len(block))
-                        if cancelled.is_set():
+                            raise PrefetchError(f"{path}: origin sent more bytes than its listing said "
+                                                f"({state.entry.size})", self.m.source.uri)
+                        view = memoryview(block)
+                        while view:
+                            piece = view[:chunk_end - offset]
+                            _pwrite_all(fd, piece, offset)
+                            hasher.update(piece)
+                            offset += len(piece)
+                            view = view[len(piece):]
+                            if offset == chunk_end:
+                                # Journaled (by the flusher, once durable) only for files of several chunks: a
+                                # one-chunk file lost in a crash costs one small GET; the commit fsyncs it.
+                                if state.n > 1:
+                                    self.journal.add(path, chunk, hasher.hexdigest())
+                                self._chunk_done(state, chunk, hasher.hexdigest())
+                                chunk += 1
+                                chunk_end = state.bounds(chunk)[1] if chunk < state.n else end
+                                hasher = hashlib.sha256()
+                        self.m._report(len(block))
+                        if self.cancelled.is_set():
                             return
+                        window_bytes += len(block)
+                        elapsed = time.monotonic() - window_start
+                        if elapsed >= c.min_rate_window:
+                            if window_bytes / elapsed < c.min_rate:
+                                raise TransientError(f"{path}: {window_bytes / elapsed / 1024:.1f} KiB/s over "
+                                                     f"{elapsed:.0f}s, under the floor of {c.min_rate / 1024:.0f} "
+                                                     f"KiB/s", self.m.source.uri)
+                            window_start, window_bytes = time.monotonic(), 0
                     if offset != end:
-                        raise TransientError(f"{path}: stream ended at byte {offset} of {end}", self.source.uri)
-                    break
+                        raise TransientError(f"{path}: stream ended at byte {offset} of {end}", self.m.source.uri)
+                    return
                 except TransientError as e:
                     attempt += 1
-                    if attempt >= self.config.max_attempts:
-                        raise Unreachable(f"giving up on {path} after {attempt} attempts: {e}", self.source.uri) from None
-                    delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
-                    time.sleep(delay * (0.5 + random.random()))
+                    if attempt >= c.max_attempts:
+                        raise Unreachable(f"giving up on {path} after {attempt} attempts: {e}",
+                                          self.m.source.uri) from None
+                    delay = min(c.backoff_max, c.backoff_base * 2 ** (attempt - 1))
+                    if self.cancelled.wait(delay * (0.5 + random.random())):
+                        return
                 except OSError as e:
                     if e.errno == errno.ENOSPC:
-                        raise NoSpace(f"disk full while writing {path}", self.source.uri) from None
+                        raise NoSpace(f"disk full while writing {path}", self.m.source.uri) from None
                     raise
         finally:
             os.close(fd)
-        state.range_finished(index, blocks)
 
-    @staticmethod
-    def state_range(state: _FileState, index: int) -> tuple[int, int]:
-        start, end = state.ranges[index]
-        if len(state.ranges) == 1 and state.part.exists():
-            start = state.part.stat().st_size   # single-range file: resume from what is on disk (HF-style)
-            if start > end:
-                state.part.unlink()
-                open(state.part, "wb").close()
-                start = 0
-        return start, end
+    # -- in-order hashing ------------------------------------------------------------------------------
+    def _chunk_done(self, state: _File, index: int, sha: str) -> None:
+        with state.lock:
+            state.done[index] = sha
+        self._advance(state)
+
+    def _advance(self, state: _File) -> None:
+        """Hash the contiguous durable prefix from disk (one thread at a time per file); finish the file when the
+        last chunk is in: compare with the origin's check, or fetch the file again."""
+        with state.lock:
+            if state.hashing:
+                return
+            state.hashing = True
+        try:
+            while True:
+                with state.lock:
+                    if state.hashed not in state.done:
+                        if state.hashed < state.n:
+                            state.hashing = False
+                            return
+                        break
+                    index = state.hashed
+                if not self._hash_chunk(state, index):
+                    self._restart(state, f"chunk {index} on disk differs from its journal record")
+                    return
+                with state.lock:
+                    state.hashed += 1
+            self._finish(state)
+        finally:
+            with state.lock:
+                state.hashing = False
+        # A chunk that landed while we were finishing would have found `hashing` set and left it to us.
+        with state.lock:
+            more = state.result is None and state.hashed in state.done
+        if more:
+            self._advance(state)
+
+    def _hash_chunk(self, state: _File, index: int) -> bool:
+        start, end = state.bounds(index)
+        again = hashlib.sha256() if index in state.resumed else None
+        with open(state.path, "rb") as f:
+            f.seek(start)
+            remaining = end - start
+            while remaining:
+                block = f.read(min(HASH_BLOCK, remaining))
+                if not block:
+                    break
+                state.sha256.update(block)
+                state.checker.update(block)
+                if again is not None:
+                    again.update(block)
+                remaining -= len(block)
+        return not remaining and (again is None or again.hexdigest() == state.done[index])
+
+    def _finish(self, state: _File) -> None:
+        bad = state.checker.mismatch()
+        if bad is None:
+            with self.changed:
+                state.result = state.sha256.hexdigest()
+                self.changed.notify_all()
+            return
+        self._restart(state, bad)
+
+    def _restart(self, state: _File, why: str) -> None:
+        """Bytes corrupted on the way (a whole-file check cannot tell which chunk): the file again, from scratch."""
+        state.attempts += 1
+        if state.attempts >= self.config.max_attempts:
+            raise IntegrityError(f"{state.entry.path}: the bytes received do not match the origin's checksum "
+                                 f"after {state.attempts} attempts ({why})", self.m.source.uri)
+        self.m.restarted.append(state.entry.path)
+        self.journal.restart(state.entry.path)
+        with open(state.path, "wb") as f:
+            f.truncate(state.entry.size)
+        with state.lock:
+            state.reset({})
+            state.hashing = True      # released by _advance's finally
+        self.enqueue_file(state)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
-
-
-def _sha256(path: Path) -> str:
-    from .store import sha256_file
-
-    return sha256_file(path)

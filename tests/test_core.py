@@ -287,7 +287,7 @@ def test_sigkill_mid_download_then_resume(ranged, s3, use_env, cache_dir, tmp_pa
         staged = 0
         while time.time() < deadline and staged < size * 0.4:
             time.sleep(0.2)
-            staged = sum(p.stat().st_blocks * 512 for p in (cache_dir / "staging").rglob("*.part")) \
+            staged = sum(p.stat().st_blocks * 512 for p in (cache_dir / "staging").glob("*/data/**/*") if p.is_file()) \
                 if (cache_dir / "staging").exists() else 0
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -26,6 +26,9 @@ class FileEntry:
     size: int
     etag: str | None = None
     sha256: str | None = None
+    version_id: str | None = None     # the origin's version of the object, when it has versions
+    origin_check: str | None = None   # what tied the bytes to the origin: md5 | sha256 | crc32c | crc32 | none
+    chunks: dict | None = None        # {"size": chunk bytes, "sha256": [one per chunk]} (peers verify with these)
 
 
 def safe_relpath(path: str, uri: str | None = None) -> str:

@@ -11,7 +11,8 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from ..config import Settings
-from ..errors import NotFound, Unreachable
+from ..errors import IntegrityError, NotFound, Unreachable
+from ..integrity import OriginChanged, OriginFacts
 from .base import FileEntry, TransientError, safe_relpath
 
 _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken", "403"}
@@ -61,6 +62,8 @@ def translate(error: Exception, uri: str, what: str) -> Exception:
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code == "PreconditionFailed" or status == 412:
+            return OriginChanged(f"the object changed at the origin while we read it ({what})", uri)
         if code == "NoSuchBucket":
             return NotFound(f"S3 bucket does not exist ({what})", uri)
         if code in _MISSING or status == 404:
@@ -92,6 +95,9 @@ class S3Source:
         self.prefix = parsed.path.lstrip("/").rstrip("/")
         self.client = s3_client(settings)
         self._single = False  # the URI names one object, not a prefix
+        # path -> (the origin's exact key, its ETag): a listing's key is fetched as listed, never re-built from
+        # the normalised path ('a//b' and 'a/b' are different objects), and every GET is pinned to the ETag.
+        self._keys: dict[str, tuple[str, str | None]] = {}
 
     def identity(self) -> dict:
         return {"origin": "s3", "endpoint": endpoint_url() or "aws", "bucket": self.bucket}
@@ -105,24 +111,73 @@ class S3Source:
                     rel = obj["Key"][len(prefix):]
                     if not rel or rel.endswith("/"):
                         continue  # directory markers
-                    entries.append(FileEntry(safe_relpath(rel, self.uri), int(obj["Size"]), obj.get("ETag", "").strip('"')))
+                    path, etag = safe_relpath(rel, self.uri), obj.get("ETag", "").strip('"') or None
+                    if path in self._keys:
+                        raise IntegrityError(f"listing keys {self._keys[path][0]!r} and {obj['Key']!r} are one path "
+                                             f"{path!r} here; refusing to guess which one is meant", self.uri)
+                    self._keys[path] = (obj["Key"], etag)
+                    entries.append(FileEntry(path, int(obj["Size"]), etag))
             if not entries and self.prefix:
                 head = self.client.head_object(Bucket=self.bucket, Key=self.prefix)
                 self._single = True
-                entries.append(FileEntry(self.prefix.rsplit("/", 1)[-1], int(head["ContentLength"]),
-                                         head.get("ETag", "").strip('"')))
+                path, etag = self.prefix.rsplit("/", 1)[-1], head.get("ETag", "").strip('"') or None
+                self._keys[path] = (self.prefix, etag)
+                entries.append(FileEntry(path, int(head["ContentLength"]), etag))
+        except IntegrityError:
+            raise
         except Exception as e:  # noqa: BLE001 - translated, or re-raised as is
             raise translate(e, self.uri, "listing") from None
         return sorted(entries, key=lambda f: f.path)
 
+    def _key(self, path: str) -> tuple[str, str | None]:
+        if path in self._keys:
+            return self._keys[path]
+        # Not listed by this instance (a repair of files named by a manifest): the path is the key's tail.
+        return (self.prefix if self._single else (f"{self.prefix}/{path}" if self.prefix else path)), None
+
+    def origin_facts(self, entry: FileEntry) -> OriginFacts:
+        """What S3 says about the content. A single-part ETag is the MD5 already (no request); a multipart one is
+        checkable once each part's size is known: one HEAD per part (PartNumber), for up to 64 parts, sent in
+        parallel. (A multipart object's stored checksums are COMPOSITE, "<crc>-N": not a full-object check.)"""
+        key, etag = self._key(entry.path)
+        etag = etag or entry.etag
+        facts = OriginFacts(etag=etag)
+        parts = facts.multipart_parts
+        if not parts or parts > 64:
+            return facts
+        from concurrent.futures import ThreadPoolExecutor
+
+        def head(n: int) -> dict:
+            return self.client.head_object(Bucket=self.bucket, Key=key, PartNumber=n,
+                                           **({"IfMatch": f'"{etag}"'} if etag else {}))
+
+        checksums: dict = {}
+        try:
+            with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
+                heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
+            sizes = [int(h["ContentLength"]) for h in heads]
+            version = heads[0].get("VersionId")
+        except Exception as e:  # noqa: BLE001
+            err = translate(e, self.uri, f"HEAD {key}")
+            if isinstance(err, (OriginChanged, TransientError, Unreachable, NotFound)):
+                raise err from None
+            return facts
+        return OriginFacts(etag=etag, version_id=version, checksums=checksums, part_sizes=tuple(sizes))
+
     def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        key = self.prefix if self._single else (f"{self.prefix}/{path}" if self.prefix else path)
+        key, etag = self._key(path)
         kwargs = {"Bucket": self.bucket, "Key": key}
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'   # every range of one file from one version (412 if it changed)
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
             body = self.client.get_object(**kwargs)["Body"]
-            while chunk := body.read(1 << 20):
+            raw = getattr(body, "_raw_stream", None)
+            # read1: what the socket has, up to 1 MiB, so a trickling link is seen (and dropped) at its real rate
+            # instead of blocking until a whole block arrives; the transfer checks the byte count itself.
+            read = raw.read1 if raw is not None and hasattr(raw, "read1") else body.read
+            while chunk := read(1 << 20):
                 yield chunk
         except Exception as e:  # noqa: BLE001
             raise translate(e, self.uri, f"GET {key}") from None

@@ -158,8 +158,8 @@ class Store:
         return FileLock(str(path), timeout=timeout)
 
     def staging_for(self, key: str) -> Path:
-        """Staging dir for key. Call with the key's lock held. Reuses a dir left by a killed process,
-        so its .part files resume; extra leftovers are removed."""
+        """Staging dir for key. Call with the key's lock held. Reuses a dir left by a killed process, so what its
+        journal vouches for resumes (prefetch/store/journal.py); extra leftovers are removed."""
         root = self.paths.staging_root()
         root.mkdir(parents=True, exist_ok=True)
         leftovers = sorted(root.glob(self.paths.staging_glob(key)), key=lambda p: p.stat().st_mtime, reverse=True)
@@ -198,8 +198,6 @@ class Store:
                     raise IntegrityError(
                         f"file {f.path!r} has {size} bytes, the origin listed {f.size}", manifest.uri
                     )
-            for stray in staging.rglob("*.part*"):
-                stray.unlink()
             # A rename refused because the key exists: someone committed it without our lock (e.g. a repair);
             # theirs stands.
             return _publish(staging, self.paths.object_dir(manifest.key), manifest.to_json(),

@@ -15,10 +15,22 @@ LinkProxy sits between a client and an HTTP server (here: the S3 server) and
 
 One thread per direction per connection; 1 MiB buffers and sendall keep it off the critical path
 on loopback when no limits are set.
+
+Faults (add_fault): each matches the next `count` GET requests whose target contains `match` (and whose Range
+header starts at `range_start`, when given) and shapes that one response:
+  "stall"     hold the request before it reaches the server until `release()` or `seconds` (a stall longer than
+              the client's read timeout, or a pause-then-continue while the test changes the object);
+  "reset"     forward `after` response bytes, then reset the connection (RST) mid-body;
+  "truncate"  forward `after` response bytes, then close cleanly (FIN): a body shorter than its Content-Length;
+  "trickle"   forward the response at `rate` bytes/s;
+  "503"       answer 503 SlowDown and close, without asking the server;
+  "flip"      invert one byte of the body, `after` bytes into it;
+  "rewrite"   buffer the whole response and pass its body through `rewrite(bytes) -> bytes` (listing attacks).
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import socket
 import struct
 import threading
@@ -203,6 +215,32 @@ class _Throttle:
             time.sleep(delay)
 
 
+@dataclasses.dataclass
+class Fault:
+    kind: str
+    match: bytes = b""
+    range_start: int | None = None
+    count: int = 1
+    after: int = 0
+    seconds: float = 30.0
+    rate: float = 8192.0
+    rewrite: object = None
+    served: int = 0
+    released: threading.Event = dataclasses.field(default_factory=threading.Event)
+    reached: threading.Event = dataclasses.field(default_factory=threading.Event)   # a request was held
+
+    def matches(self, method: bytes, target: bytes, headers: dict) -> bool:
+        if method != b"GET" or self.match not in target or self.served >= self.count:
+            return False
+        if self.range_start is not None:
+            rng = headers.get(b"range", b"")
+            return rng.startswith(b"bytes=%d-" % self.range_start)
+        return True
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class LinkProxy:
     """TCP proxy on a free loopback port in front of upstream_host:upstream_port.
 
@@ -232,6 +270,7 @@ class LinkProxy:
         self._cut_after = 0
         self._match = b""
         self._faults_served = 0
+        self._faults: list[Fault] = []
         self.latency_s = float(latency_s)
         self.rate_bytes_per_s = rate_bytes_per_s
         self.port: int | None = None
@@ -351,6 +390,28 @@ class LinkProxy:
         with self._lock:
             self._fail_503, self._cut, self._cut_after, self._match = answer_503, cut, cut_after_bytes, match
 
+    def add_fault(self, kind: str, match: bytes = b"", **options) -> Fault:
+        """Shape the next matching GET responses (see the module docstring); returns the Fault (release() it)."""
+        fault = Fault(kind, match, **options)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            faults, self._faults = self._faults, []
+        for f in faults:
+            f.release()
+
+    def _match_fault(self, method: bytes, target: bytes, headers: dict) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(method, target, headers):
+                    fault.served += 1
+                    self._faults_served += 1
+                    return fault
+        return None
+
     def _take_fault(self, first: bytes) -> str | None:
         line = first.split(b"\r\n", 1)[0]
         if not (line.startswith(b"GET ") and getattr(self, "_match", b"") in line):
@@ -429,7 +490,13 @@ class LinkProxy:
 
     def _pump_up(self, src: socket.socket, dst: socket.socket, first: bytes = b"", state: dict | None = None) -> None:
         """client -> server: parse request framing, delay each request start, count."""
-        parser = _RequestParser(self._on_request)
+        heads: list = []
+
+        def on_request(method, target, headers):
+            self._on_request(method, target, headers)
+            heads.append(self._match_fault(method, target, headers))
+
+        parser = _RequestParser(on_request)
         buf = bytearray(_BUF)
         view = memoryview(buf)
         try:
@@ -444,6 +511,24 @@ class LinkProxy:
                             self._unparsed += 1
                 with self._lock:
                     self._bytes_in += len(data)
+                for fault in heads:
+                    if state is not None:   # a new request: the previous response's fault is over
+                        for k in ("fault", "head", "body_at"):
+                            state.pop(k, None)
+                    if fault is not None and state is not None:
+                        if fault.kind == "503":
+                            src.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                                        b"Content-Length: 61\r\nConnection: close\r\n\r\n"
+                                        b"<Error><Code>SlowDown</Code><Message>fault</Message></Error>\n")
+                            _shut(src, dst)
+                            return
+                        if fault.kind == "stall":
+                            fault.reached.set()
+                            fault.released.wait(fault.seconds)
+                        else:
+                            state["fault"] = fault
+                            state["fault_bytes"] = 0
+                heads.clear()
                 for off in starts:
                     fault = self._take_fault(data[off:off + 2048])
                     if fault == "503":
@@ -485,6 +570,11 @@ class LinkProxy:
                 n = src.recv_into(buf)
                 if n == 0:
                     break
+                fault = state.get("fault") if state is not None else None
+                if fault is not None:
+                    if self._shape(fault, state, src, dst, bytes(view[:n])):
+                        return
+                    continue
                 if throttle:
                     throttle.wait(n)
                 # Count before sending: once a client holds the whole response, stats() must
@@ -505,6 +595,67 @@ class LinkProxy:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+
+    def _send(self, dst: socket.socket, data: bytes) -> None:
+        with self._lock:
+            self._bytes_out += len(data)
+        dst.sendall(data)
+
+    def _shape(self, fault: Fault, state: dict, src: socket.socket, dst: socket.socket, data: bytes) -> bool:
+        """Apply a response fault to the bytes `data` just read from the server; True: the connection is over."""
+        done = state["fault_bytes"]
+        state["fault_bytes"] = done + len(data)
+        if fault.kind in ("reset", "truncate"):
+            keep = max(0, fault.after - done)
+            if keep >= len(data):
+                self._send(dst, data)
+                return False
+            self._send(dst, data[:keep])
+            if fault.kind == "reset":
+                dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _shut(dst, src)
+            return True
+        if fault.kind == "trickle":
+            piece = max(1, int(fault.rate / 10))
+            for i in range(0, len(data), piece):
+                self._send(dst, data[i:i + piece])
+                time.sleep(len(data[i:i + piece]) / fault.rate)
+            return False
+        if fault.kind == "flip":
+            buf = state.setdefault("head", bytearray())
+            if "body_at" not in state:
+                buf += data
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    return False
+                state["body_at"] = 0
+                data, head = bytes(buf[end + 4:]), bytes(buf[:end + 4])
+                self._send(dst, head)
+            at = fault.after - state["body_at"]
+            if 0 <= at < len(data):
+                data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+            state["body_at"] += len(data)
+            self._send(dst, data)
+            return False
+        if fault.kind == "rewrite":
+            buf = state.setdefault("head", bytearray())
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            length = next((int(h.split(":", 1)[1]) for h in head if h.lower().startswith("content-length:")), None)
+            if length is None or len(buf) - end - 4 < length:
+                return False
+            body = fault.rewrite(bytes(buf[end + 4:end + 4 + length]))
+            head = [h for h in head if not h.lower().startswith("content-length:")] + [f"Content-Length: {len(body)}"]
+            self._send(dst, "\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + body)
+            for k in ("fault", "head"):
+                state.pop(k, None)
+            return False
+        self._send(dst, data)
+        return False
 
 
 def _shut(*socks: socket.socket) -> None:

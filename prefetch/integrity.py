@@ -1,0 +1,136 @@
+"""Origin-anchored integrity: what the origin says a file's content is, and the check of the bytes against it.
+
+The sha256 in a manifest is computed here, from the bytes we received; by itself it only proves the bytes did not
+change on our disk. What ties them to the origin is one of these, chosen per file in this order:
+  "sha256" / "crc32c" / "crc32"  a full-object `x-amz-checksum-*` the origin stored at upload (asked for with
+                                 ChecksumMode=ENABLED); sha256 is the strongest, crc32c needs awscrt;
+  "md5"                          the S3 ETag: for a single-part upload (32 hex digits, no '-') it is the MD5 of the
+                                 bytes; for a multipart upload ("<hex>-N") it is the MD5 of the parts' MD5s, which
+                                 we can recompute when we know every part's size (HEAD ?partNumber=k);
+  "none"                         nothing checkable (an SSE-KMS ETag, a multipart upload of unknown layout, a
+                                 source without content hashes): the file is only self-hashed, and the manifest
+                                 says so.
+The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), needs no chunk in
+memory, and a mismatch means the file is fetched again (then exit 5): a byte flipped in transit is never committed.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import re
+import zlib
+
+from .errors import PrefetchError
+
+_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
+_MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
+CHECKS = ("sha256", "md5", "crc32c", "crc32", "none")
+
+
+class OriginChanged(PrefetchError):
+    """The origin's object changed while we read it (HTTP 412 on If-Match, or a different ETag mid-file).
+    The transfer restarts the file; it reaches the user only when the object keeps changing (exit 4)."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, uri: str | None = None, path: str | None = None):
+        super().__init__(message, uri)
+        self.path = path
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginFacts:
+    """What the origin said about one file's content."""
+
+    etag: str | None = None                    # without quotes
+    version_id: str | None = None
+    checksums: dict = dataclasses.field(default_factory=dict)   # full-object {"sha256"|"crc32c"|"crc32": base64}
+    part_sizes: tuple[int, ...] | None = None  # a multipart upload's part sizes, when known
+
+    @property
+    def multipart_parts(self) -> int | None:
+        m = _MULTIPART_ETAG.match(self.etag or "")
+        return int(m.group(2)) if m else None
+
+
+def _crc32c_available() -> bool:
+    try:
+        from awscrt import checksums  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan(facts: OriginFacts, size: int) -> str:
+    """The strongest check these facts allow for a file of `size` bytes."""
+    if "sha256" in facts.checksums:
+        return "sha256"
+    etag = facts.etag or ""
+    if _MD5_ETAG.match(etag):
+        return "md5"
+    parts = facts.multipart_parts
+    if parts and facts.part_sizes and len(facts.part_sizes) == parts and sum(facts.part_sizes) == size:
+        return "md5"
+    if "crc32c" in facts.checksums and _crc32c_available():
+        return "crc32c"
+    if "crc32" in facts.checksums:
+        return "crc32"
+    return "none"
+
+
+class Checker:
+    """Feed a file's bytes in order with update(); mismatch() then names what differed (None: the bytes match)."""
+
+    def __init__(self, facts: OriginFacts, size: int):
+        self.facts = facts
+        self.check = plan(facts, size)
+        self._md5 = hashlib.md5() if self.check == "md5" else None
+        self._sha = hashlib.sha256() if self.check == "sha256" else None
+        self._crc = 0
+        self._parts = list(facts.part_sizes) if self.check == "md5" and facts.multipart_parts else None
+        self._part_digests: list[bytes] = []
+        self._part_left = self._parts.pop(0) if self._parts else None
+
+    def update(self, data) -> None:
+        if self.check == "none":
+            return
+        if self._sha is not None:
+            self._sha.update(data)
+        elif self.check in ("crc32", "crc32c"):
+            self._crc = _crc(self.check, data, self._crc)
+        elif self._part_left is None:
+            self._md5.update(data)
+        else:
+            view = memoryview(data)
+            while view:
+                take = min(len(view), self._part_left)
+                self._md5.update(view[:take])
+                view = view[take:]
+                self._part_left -= take
+                if self._part_left == 0:
+                    self._part_digests.append(self._md5.digest())
+                    self._md5 = hashlib.md5()
+                    self._part_left = self._parts.pop(0) if self._parts else 0
+
+    def mismatch(self) -> str | None:
+        if self.check == "none":
+            return None
+        if self._sha is not None:
+            got, want = base64.b64encode(self._sha.digest()).decode(), self.facts.checksums["sha256"]
+        elif self.check in ("crc32", "crc32c"):
+            got, want = base64.b64encode(self._crc.to_bytes(4, "big")).decode(), self.facts.checksums[self.check]
+        elif self.facts.multipart_parts:
+            joined = hashlib.md5(b"".join(self._part_digests)).hexdigest()
+            got, want = f"{joined}-{len(self._part_digests)}", self.facts.etag
+        else:
+            got, want = self._md5.hexdigest(), self.facts.etag
+        return None if got == want else f"{self.check} {got} != origin's {want}"
+
+
+def _crc(kind: str, data, value: int) -> int:
+    if kind == "crc32":
+        return zlib.crc32(data, value)
+    from awscrt import checksums
+
+    return checksums.crc32c(bytes(data), value)

@@ -1,0 +1,488 @@
+"""The store keeps its promises under faults (issue H): bounded memory, a resume journal tied to what it
+describes, ranged reads pinned to one version, origin-anchored checks, deadlines, temporary files outside the
+artifact namespace. Real SeaweedFS behind the project's fault proxy (tests/harness/proxy.py); the warms run as
+real `prefetch` processes where a kill, a signal or a peak RSS is what is tested."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import prefetch
+from prefetch.store import sha256_file
+from tests import harness
+from tests.helpers import PREFETCH, REPO, cli_json, objects_in, run_cli
+
+MiB = 1 << 20
+# The last commit before this issue's transfer: its behaviour is what the memory test compares against.
+BASELINE_COMMIT = "a0c7105b17729aadcd3737619062a408f48b154a"
+
+
+@pytest.fixture
+def proxy(s3):
+    p = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    yield p
+    p.clear_faults()
+    p.stop()
+
+
+def upload(s3, tmp_path: Path, key: str, size: int, seed: int) -> Path:
+    blob = tmp_path / f"upload-{seed}-{size}"
+    harness.write_random_file(blob, size, seed=seed)
+    s3.client(endpoint=s3.direct_endpoint).upload_file(str(blob), "models", key)
+    return blob
+
+
+def staged_bytes(cache: Path) -> int:
+    """Bytes really written into staging (sparse files count what they hold)."""
+    total = 0
+    for p in (cache / "staging").rglob("*") if (cache / "staging").exists() else []:
+        if p.is_file():
+            total += min(p.stat().st_size, p.stat().st_blocks * 512)
+    return total
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def warm_process(uri: str, env: dict, pythonpath: Path = REPO, json_out: bool = False) -> subprocess.Popen:
+    full = {**os.environ, **env, "PYTHONPATH": str(pythonpath)}
+    return subprocess.Popen([*PREFETCH, "warm", uri, *(["--json"] if json_out else [])], env=full, cwd=pythonpath,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes) of a child, from the kernel's own accounting (wait4 ru_maxrss, KiB)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_maxrss * 1024
+        assert time.monotonic() < deadline, "warm did not finish"
+        time.sleep(0.1)
+
+
+# -- A. bounded memory ---------------------------------------------------------------------------------------------
+def _baseline_tree(tmp_path: Path) -> Path:
+    """The package as it was before this issue (git archive of BASELINE_COMMIT), to run the old behaviour."""
+    out = tmp_path / "baseline"
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", BASELINE_COMMIT, "prefetch"], check=True,
+                             capture_output=True).stdout
+    archive_path = tmp_path / "baseline.tar"
+    archive_path.write_bytes(archive)
+    with tarfile.open(archive_path) as t:
+        t.extractall(out)
+    return out
+
+
+@pytest.mark.slow
+def test_peak_memory_is_bounded_by_the_window_not_the_model(s3, proxy, cache_dir, tmp_path):
+    """512 MiB single-file model, its FIRST range stalled until every other range has landed: the warming
+    process's peak RSS stays under (max_concurrency + 2) x chunk_bytes above the runtime's own baseline; the
+    previous transfer (ranges held in memory until hashed in order) goes far past it on the same run."""
+    size, chunk, concurrency = 512 * MiB, 8 * MiB, 4
+    upload(s3, tmp_path, "mem/weights.bin", size, seed=11)
+    s3.client(endpoint=s3.direct_endpoint).put_object(Bucket="models", Key="mem-noop/tiny.bin", Body=b"x" * 1000)
+    env = {**s3.env(proxy.url), "PREFETCH_MAX_CONCURRENCY": str(concurrency), "PREFETCH_CHUNK_BYTES": str(chunk),
+           "PREFETCH_MULTIPART_THRESHOLD": str(16 * MiB), "PREFETCH_READ_TIMEOUT": "300"}
+
+    def peak(tree: Path, cache: Path, uri: str, stall: bool) -> int:
+        cache.mkdir()
+        fault = proxy.add_fault("stall", b"mem/weights.bin", range_start=0, seconds=300) if stall else None
+        proc = warm_process(uri, {**env, "PREFETCH_CACHE_DIR": str(cache)}, pythonpath=tree)
+        if fault is not None:
+            # Release the first range only once every other range is on disk (or held in memory).
+            wait_until(lambda: staged_bytes(cache) >= size - chunk, 600, "all ranges but the first")
+            fault.release()
+        code, rss = wait_rusage(proc, 600)
+        assert code == 0, proc.stderr.read()
+        return rss
+
+    baseline = peak(REPO, tmp_path / "c0", "s3://models/mem-noop", stall=False)
+    bound = baseline + (concurrency + 2) * chunk
+    new = peak(REPO, tmp_path / "c1", "s3://models/mem/weights.bin", stall=True)
+    old = peak(_baseline_tree(tmp_path), tmp_path / "c2", "s3://models/mem/weights.bin", stall=True)
+    print(f"\npeak RSS: no-op {baseline / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB, "
+          f"this transfer {new / MiB:.0f} MiB, previous transfer {old / MiB:.0f} MiB")
+    assert new < bound
+    assert old > bound + 128 * MiB
+    committed = next((tmp_path / "c1" / "objects").iterdir()) / "weights.bin"
+    assert sha256_file(committed) == sha256_file(tmp_path / f"upload-11-{size}")
+
+
+# -- B. a resume journal tied to what it describes -----------------------------------------------------------------
+class PartialReader:
+    """Polls objects/ from a thread: any committed tree must be whole (manifest + every file at its size)."""
+
+    def __init__(self, cache: Path):
+        self.cache, self.seen, self.partial = cache, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            objects = self.cache / "objects"
+            for d in objects.iterdir() if objects.is_dir() else []:
+                self.seen += 1
+                try:
+                    manifest = json.loads((d / ".prefetch.json").read_text())
+                    bad = [f["path"] for f in manifest["files"] if (d / f["path"]).stat().st_size != f["size"]]
+                except (OSError, ValueError) as e:
+                    bad = [repr(e)]
+                if bad:
+                    self.partial.append((d.name, bad))
+            time.sleep(0.01)
+
+
+def _model(s3, tmp_path: Path, prefix: str, sizes: dict[str, int], seed: int) -> dict[str, str]:
+    """Upload files under prefix; returns {path: sha256}."""
+    out = {}
+    for i, (path, size) in enumerate(sizes.items()):
+        out[path] = sha256_file(upload(s3, tmp_path, f"{prefix}/{path}", size, seed=seed + i))
+    return out
+
+
+def _committed(result: dict) -> dict[str, str]:
+    root = Path(result["path"])
+    manifest = json.loads((root / ".prefetch.json").read_text())
+    return {f["path"]: sha256_file(root / f["path"]) for f in manifest["files"]}
+
+
+def test_sigkill_at_random_points_repeated_never_shows_a_partial_object(s3, cache_dir, tmp_path):
+    sizes = {"weights.bin": 24 * MiB, "shard-1.bin": 6 * MiB, "shard-2.bin": 6 * MiB, "conf.json": 3000,
+             "sub/tok.model": 500_000}
+    expected = _model(s3, tmp_path, "crash", sizes, seed=20)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=6 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "3", "PREFETCH_CHUNK_BYTES": str(1 * MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    rng = random.Random(7)
+    try:
+        with PartialReader(cache_dir) as reader:
+            for round_ in range(5):
+                proc = warm_process("s3://models/crash", env)
+                time.sleep(rng.uniform(0.3, 2.5))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(60)
+            slow.reset()
+            result = cli_json("warm", "s3://models/crash", env=env)["results"][0]
+            time.sleep(0.2)
+    finally:
+        slow.stop()
+    assert reader.partial == [] and reader.seen > 0
+    assert _committed(result) == expected
+    manifest = json.loads((Path(result["path"]) / ".prefetch.json").read_text())
+    weights = next(f for f in manifest["files"] if f["path"] == "weights.bin")
+    blob = (tmp_path / f"upload-20-{24 * MiB}").read_bytes()
+    # Per-chunk hashes in the manifest (peers verify chunks with them) are the hashes of the uploaded bytes.
+    assert weights["chunks"] == {"size": MiB, "sha256": [hashlib.sha256(blob[i:i + MiB]).hexdigest()
+                                                          for i in range(0, len(blob), MiB)]}
+    assert not list((cache_dir / "staging").iterdir())
+
+
+def _kill_midway(uri: str, env: dict, cache: Path, size: int) -> None:
+    proc = warm_process(uri, env)
+    wait_until(lambda: staged_bytes(cache) > size * 0.3 or proc.poll() is not None, 120, "a partial download")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, "the warm finished before the kill: slow the link down"
+    assert objects_in(cache) == []
+
+
+@pytest.mark.parametrize("changed", ["PREFETCH_CHUNK_BYTES", "PREFETCH_MULTIPART_THRESHOLD"])
+def test_resume_after_a_changed_layout_commits_the_right_bytes(changed, s3, cache_dir, tmp_path):
+    size = 32 * MiB
+    expected = _model(s3, tmp_path, f"layout-{changed}", {"w.bin": size}, seed=30)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=4 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "2", "PREFETCH_CHUNK_BYTES": str(2 * MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    uri = f"s3://models/layout-{changed}"
+    try:
+        _kill_midway(uri, env, cache_dir, size)
+        after = {**env, changed: str(3 * MiB) if changed == "PREFETCH_CHUNK_BYTES" else str(1 << 30)}
+        slow.reset()
+        result = cli_json("warm", uri, env=after)["results"][0]
+        fetched = slow.stats()["bytes_out"]
+    finally:
+        slow.stop()
+    assert _committed(result) == expected
+    if changed == "PREFETCH_CHUNK_BYTES":
+        assert fetched >= size        # another chunk grid: the file started over
+    else:
+        assert fetched < size * 0.8   # the threshold only groups chunks into GETs: durable chunks were kept
+
+
+def test_a_staged_chunk_damaged_on_disk_is_not_trusted_on_resume(s3, cache_dir, tmp_path):
+    """The journal vouches for a chunk's sha256, not just for its presence: a resumed chunk is hashed again."""
+    size = 32 * MiB
+    expected = _model(s3, tmp_path, "damaged", {"w.bin": size}, seed=45)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=4 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "2", "PREFETCH_CHUNK_BYTES": str(2 * MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    try:
+        _kill_midway("s3://models/damaged", env, cache_dir, size)
+        journal = next((cache_dir / "staging").glob("*/journal.jsonl"))
+        recorded = [json.loads(line) for line in journal.read_text().splitlines()[1:] if '"i"' in line]
+        assert recorded, "no chunk was journaled before the kill"
+        with open(journal.parent / "data" / "w.bin", "r+b") as f:   # one byte of a journaled chunk
+            f.seek(recorded[0]["i"] * 2 * MiB + 100)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        result = cli_json("warm", "s3://models/damaged", env=env)["results"][0]
+    finally:
+        slow.stop()
+    assert _committed(result) == expected
+    assert "w.bin" in result["note"]
+
+
+def _registered(mlflow_direct, s3, use_env, name: str, size: int) -> tuple[str, str]:
+    """A registry version (its key does not depend on the bytes) with one big file; (models:/ URI, its S3 key)."""
+    use_env(mlflow_direct.env())
+    rec = harness.register_large_model(mlflow_direct.env(), name, large_files=[("weights.bin", size)], n_small=2,
+                                       seed=50)
+    uri = f"models:/{name}/{rec['version']}"
+    storage = prefetch.resolve(uri).storage_uri
+    bucket_key = storage.split("://", 1)[1].split("/", 1)[1].rstrip("/") + "/artifacts/weights.bin"
+    return uri, bucket_key
+
+
+def test_object_changed_at_the_origin_between_attempts_is_not_committed_as_a_mix(mlflow_direct, s3, use_env,
+                                                                                  cache_dir, tmp_path):
+    size = 32 * MiB
+    uri, key = _registered(mlflow_direct, s3, use_env, "between-attempts", size)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=4 * MiB).start()
+    env = {"MLFLOW_S3_ENDPOINT_URL": slow.url, "AWS_ENDPOINT_URL_S3": slow.url, "PREFETCH_MAX_CONCURRENCY": "2",
+           "PREFETCH_CHUNK_BYTES": str(2 * MiB), "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    try:
+        _kill_midway(uri, env, cache_dir, size)
+        new = sha256_file(upload(s3, tmp_path, key, size, seed=51))   # same size, other bytes, same version
+        result = cli_json("warm", uri, env=env)["results"][0]
+    finally:
+        slow.stop()
+    assert _committed(result)["artifacts/weights.bin"] == new
+
+
+# -- C. ranged reads pinned to one version -------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["s3-listing", "registry-version"])
+def test_object_overwritten_mid_download_commits_the_new_bytes(kind, mlflow_direct, s3, use_env, proxy, cache_dir,
+                                                               tmp_path):
+    """The first range is held in the proxy, the object is overwritten behind it, then the range goes on: with
+    If-Match it is answered 412 and the file restarts; without, the first 2 MiB would come from the new object
+    and the rest from the old one (a torn file of the right size)."""
+    size = 16 * MiB
+    if kind == "s3-listing":
+        key = "overwrite/w.bin"
+        upload(s3, tmp_path, key, size, seed=60)
+        uri, env = "s3://models/overwrite", s3.env(proxy.url)
+    else:
+        uri, key = _registered(mlflow_direct, s3, use_env, "overwritten-mid-download", size)
+        env = {"MLFLOW_S3_ENDPOINT_URL": proxy.url, "AWS_ENDPOINT_URL_S3": proxy.url}
+    env |= {"PREFETCH_MAX_CONCURRENCY": "4", "PREFETCH_CHUNK_BYTES": str(2 * MiB),
+            "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    fault = proxy.add_fault("stall", key.encode(), range_start=0, seconds=120)
+    proc = warm_process(uri, env, json_out=True)
+    wait_until(fault.reached.is_set, 120, "the first range to reach the proxy")
+    wait_until(lambda: staged_bytes(cache_dir) >= size - 2 * MiB, 120, "the other ranges")
+    new = sha256_file(upload(s3, tmp_path, key, size, seed=61))
+    fault.release()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    result = json.loads(out)["results"][0]
+    committed = _committed(result)
+    assert committed[key.rsplit("/", 1)[-1] if kind == "s3-listing" else "artifacts/weights.bin"] == new
+    assert "fetched again" in result["note"] or "origin changed" in result["note"], result["note"]
+
+
+# -- D. origin-anchored integrity ----------------------------------------------------------------------------------
+def _manifest_files(result: dict) -> dict[str, dict]:
+    manifest = json.loads((Path(result["path"]) / ".prefetch.json").read_text())
+    return {f["path"]: f for f in manifest["files"]}
+
+
+def test_a_byte_flipped_in_transit_is_never_committed(s3, proxy, cache_dir, tmp_path):
+    import boto3.s3.transfer
+
+    single = upload(s3, tmp_path, "flip/single.bin", 3 * MiB, seed=70)       # one PUT: ETag = MD5 of the bytes
+    multi = tmp_path / "multi.bin"
+    harness.write_random_file(multi, 20 * MiB, seed=71)
+    s3.client(endpoint=s3.direct_endpoint).upload_file(
+        str(multi), "models", "flip/multi.bin",
+        Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=6 * MiB))
+    env = {**s3.env(proxy.url), "PREFETCH_CHUNK_BYTES": str(4 * MiB), "PREFETCH_MULTIPART_THRESHOLD": str(8 * MiB)}
+    # Once each: the file is fetched again and the second copy is right.
+    proxy.add_fault("flip", b"flip/single.bin", after=12345)
+    proxy.add_fault("flip", b"flip/multi.bin", range_start=8 * MiB, after=777)
+    result = cli_json("warm", "s3://models/flip", env=env)["results"][0]
+    assert proxy.stats()["faults_served"] == 2
+    files = _manifest_files(result)
+    assert _committed(result) == {"single.bin": sha256_file(single), "multi.bin": sha256_file(multi)}
+    assert files["single.bin"]["origin_check"] == "md5"
+    assert files["multi.bin"]["origin_check"] == "md5" and files["multi.bin"]["etag"].endswith("-4")
+    assert "single.bin" in result["note"] and "multi.bin" in result["note"]
+
+    # Every time: exit 5 after the retries, nothing committed, nothing left in staging.
+    proxy.clear_faults()
+    s3.client(endpoint=s3.direct_endpoint).put_object(Bucket="models", Key="flip-always/w.bin",
+                                                      Body=os.urandom(MiB))
+    proxy.add_fault("flip", b"flip-always/w.bin", after=10, count=1000)
+    proc = run_cli("warm", "s3://models/flip-always", env={**env, "PREFETCH_MAX_ATTEMPTS": "3"})
+    assert proc.returncode == 5, proc.stderr
+    assert "w.bin" in proc.stderr and "checksum" in proc.stderr and "Traceback" not in proc.stderr
+    assert objects_in(cache_dir) == [Path(result["path"]).name]
+    assert not list((cache_dir / "staging").iterdir())
+
+
+def test_resets_truncated_bodies_and_5xx_bursts_are_retried_from_where_they_stopped(s3, proxy, cache_dir, tmp_path):
+    size = 12 * MiB
+    blob = upload(s3, tmp_path, "bumpy/w.bin", size, seed=75)
+    env = {**s3.env(proxy.url), "PREFETCH_CHUNK_BYTES": str(4 * MiB), "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB),
+           "PREFETCH_MAX_CONCURRENCY": "2"}
+    proxy.add_fault("reset", b"bumpy/w.bin", range_start=0, after=MiB)
+    proxy.add_fault("truncate", b"bumpy/w.bin", range_start=4 * MiB, after=2 * MiB)
+    proxy.add_fault("503", b"bumpy/w.bin", range_start=8 * MiB, count=3)
+    result = cli_json("warm", "s3://models/bumpy", env=env)["results"][0]
+    assert proxy.stats()["faults_served"] == 5
+    assert _committed(result) == {"w.bin": sha256_file(blob)}
+    assert proxy.stats()["bytes_out"] < size * 1.3      # resumed from the byte reached, not from the range start
+
+
+# -- E. deadlines --------------------------------------------------------------------------------------------------
+def test_trickle_and_stall_are_abandoned_and_retried(s3, proxy, cache_dir, tmp_path):
+    blob = upload(s3, tmp_path, "slowpoke/w.bin", 2 * MiB, seed=80)
+    env = {**s3.env(proxy.url), "PREFETCH_MIN_RATE": "64KiB", "PREFETCH_MIN_RATE_WINDOW": "1",
+           "PREFETCH_READ_TIMEOUT": "1", "PREFETCH_MAX_ATTEMPTS": "3"}
+    trickle = proxy.add_fault("trickle", b"slowpoke/w.bin", rate=4096)
+    stall = proxy.add_fault("stall", b"slowpoke/w.bin", seconds=20)
+    result = cli_json("warm", "s3://models/slowpoke", env=env, timeout=120)["results"][0]
+    assert trickle.served == 1 and stall.served == 1
+    assert _committed(result) == {"w.bin": sha256_file(blob)}
+    # A link that only ever trickles: the retries run out, exit 4, no hang, nothing committed.
+    proxy.add_fault("trickle", b"slowpoke2/w.bin", rate=4096, count=1000)
+    upload(s3, tmp_path, "slowpoke2/w.bin", 2 * MiB, seed=81)
+    proc = run_cli("warm", "s3://models/slowpoke2", env=env, timeout=120)
+    assert proc.returncode == 4 and "KiB/s" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert objects_in(cache_dir) == [Path(result["path"]).name]
+
+
+def test_lock_waiter_names_the_holder_and_gives_up_with_exit_4(s3, use_env, cache_dir, tmp_path):
+    import socket
+
+    from prefetch.store import Store
+
+    upload(s3, tmp_path, "locked/w.bin", MiB, seed=90)
+    use_env(s3.env())
+    key = prefetch.resolve("s3://models/locked").key
+    store = Store(cache_dir)
+    staging = store.paths.new_staging(key)
+    staging.mkdir(parents=True)
+    (staging / ".inflight.json").write_text(json.dumps({"uri": "s3://models/locked", "key": key, "bytes": MiB,
+                                                        "pid": os.getpid(), "host": socket.gethostname()}))
+    with store.lock(key):
+        proc = run_cli("warm", "s3://models/locked", env={"PREFETCH_LOCK_TIMEOUT": "2"}, timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in proc.stderr
+    assert "PREFETCH_LOCK_TIMEOUT" in proc.stderr and "Traceback" not in proc.stderr
+    assert objects_in(cache_dir) == []
+
+
+def test_sigint_stops_promptly_and_keeps_the_staging_for_resume(s3, cache_dir, tmp_path):
+    size = 32 * MiB
+    blob = upload(s3, tmp_path, "interrupted/w.bin", size, seed=95)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=2 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "4", "PREFETCH_CHUNK_BYTES": str(MiB),
+           "PREFETCH_MULTIPART_THRESHOLD": str(4 * MiB)}
+    try:
+        proc = warm_process("s3://models/interrupted", env)
+        wait_until(lambda: staged_bytes(cache_dir) > size * 0.3, 120, "a partial download")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)        # generous: the point is that it ends without waiting for the queued ranges
+        assert proc.returncode == 130, proc.stderr.read()
+        assert objects_in(cache_dir) == []
+        assert list((cache_dir / "staging").glob("*/journal.jsonl"))
+        slow.reset()
+        result = cli_json("warm", "s3://models/interrupted", env=env)["results"][0]
+        resumed = slow.stats()["bytes_out"]
+    finally:
+        slow.stop()
+    assert _committed(result) == {"w.bin": sha256_file(blob)}
+    assert resumed < size * 0.8, resumed
+
+
+# -- F. temporary files outside the artifact namespace -------------------------------------------------------------
+def test_names_that_used_to_clash_with_temporary_files_are_cached(s3, proxy, cache_dir):
+    names = ["model.partition.pkl", "weights.part-00001.bin", "x", "x.part", "x.part.chunks", ".inflight.json",
+             "journal.jsonl", "data/data", "sub/.inflight.json"]
+    client = s3.client(endpoint=s3.direct_endpoint)
+    bodies = {n: os.urandom(1000 + i) for i, n in enumerate(names)}
+    for n, body in bodies.items():
+        client.put_object(Bucket="models", Key=f"oddnames/{n}", Body=body)
+    result = cli_json("warm", "s3://models/oddnames", env=s3.env(proxy.url))["results"][0]
+    root = Path(result["path"])
+    assert {n: (root / n).read_bytes() for n in names} == bodies
+    assert run_cli("verify", result["key"]).returncode == 0
+
+
+def _rewrite_listing(proxy, prefix: str, change) -> None:
+    """Rewrite the next ListObjectsV2 answer for prefix: change(xml text) -> xml text."""
+    proxy.add_fault("rewrite", b"list-type=2", rewrite=lambda body: change(body.decode()).encode())
+
+
+def _contents(key: str, size: int) -> str:
+    return f"<Contents><Key>{key}</Key><Size>{size}</Size><ETag>&#34;{'0' * 32}&#34;</ETag></Contents>"
+
+
+def test_listing_keys_are_fetched_exactly_and_impossible_names_refused(s3, proxy, cache_dir):
+    """Listings rewritten in the proxy (SeaweedFS normalises '//' and refuses './' and '..' in the keys it
+    stores, so such listings are made on the wire): two keys that are one path here, a key with '//', a file and
+    a dir of one name, a name longer than NAME_MAX."""
+    client = s3.client(endpoint=s3.direct_endpoint)
+    client.put_object(Bucket="models", Key="exact/sub/w.bin", Body=b"single slash")
+    env = s3.env(proxy.url)
+
+    def object_gets() -> list[str]:
+        return [r[1] for r in proxy.request_log() if r[0] == "GET" and "list-type" not in r[1]]
+
+    _rewrite_listing(proxy, "exact/", lambda xml: xml.replace("<Contents>", _contents("exact/sub/./w.bin", 12)
+                                                               + "<Contents>", 1))
+    proc = run_cli("warm", "s3://models/exact", env=env)
+    assert proc.returncode == 5 and "exact/sub/./w.bin" in proc.stderr and "exact/sub/w.bin" in proc.stderr, \
+        proc.stderr
+    assert "Traceback" not in proc.stderr and object_gets() == []
+
+    # One key with '//': that exact key is what is asked for, not the normalised exact/sub/w.bin.
+    proxy.reset()
+    _rewrite_listing(proxy, "exact/", lambda xml: xml.replace("exact/sub/w.bin", "exact/sub//w.bin"))
+    run_cli("warm", "s3://models/exact", env=env)
+    assert object_gets() and all(t == "/models/exact/sub//w.bin" for t in object_gets()), object_gets()
+
+    client.put_object(Bucket="models", Key="clash/a/b.bin", Body=b"b")
+    for extra, needle in [(_contents("clash/a", 1), "'a'"), (_contents("clash/" + "n" * 300, 1), "n" * 300)]:
+        proxy.reset()
+        _rewrite_listing(proxy, "clash/", lambda xml, extra=extra: xml.replace("<Contents>", extra + "<Contents>", 1))
+        proc = run_cli("warm", "s3://models/clash", env=env)
+        assert proc.returncode == 5 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert object_gets() == []
+    assert not [k for k in objects_in(cache_dir) if "clash" in k]
