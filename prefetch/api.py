@@ -303,7 +303,7 @@ def check_format(format: str) -> str:
     return format
 
 
-_warm = warm   # `pin(..., warm=True)` names its flag after the CLI's --warm, which hides the function
+_warm_uri = warm   # `pin(..., warm=True)` names its flag after the CLI's --warm, which hides the function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +333,7 @@ def pin(target: str, *, warm: bool = True, settings: Settings | None = None,
     warmed = None
     if not cached and uri is not None and warm:
         try:
-            warmed = _warm(uri, settings=settings, progress=progress)
+            warmed = _warm_uri(uri, settings=settings, progress=progress)
         except BaseException:
             if added:
                 lifecycle.unpin(store, key)

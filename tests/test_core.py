@@ -248,22 +248,27 @@ def test_listing_that_escapes_the_artifact_dir_is_refused(tmp_path, cache_dir):
     assert len(objects_in(cache_dir)) == 1
 
 
-def test_dotdot_in_an_s3_listing(s3, use_env, cache_dir):
-    """Write a key with `..` segments; whatever the server lists back must not escape."""
-    use_env(s3.env())
-    client = s3.client()
-    client.put_object(Bucket="models", Key="evil-dots/ok.txt", Body=b"ok")
+@pytest.mark.parametrize("evil", ["evil-dots/a/../../../escape.txt", "evil-dots//etc/escape.txt"],
+                         ids=["dotdot", "absolute"])
+def test_an_s3_listing_that_escapes_its_prefix_is_refused(evil, s3, use_env, cache_dir):
+    """SeaweedFS normalises `..` and `//` in the keys it stores, so the hostile listing is made on the wire: the
+    proxy adds the key to the real server's ListObjectsV2 answer. The refusal branch must run: exit 5, nothing
+    fetched, nothing written outside the cache, nothing committed."""
+    proxy = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
     try:
-        client.put_object(Bucket="models", Key="evil-dots/a/../../../escape.txt", Body=b"x")
-    except Exception:  # noqa: BLE001 - a server that refuses such keys is also safe
-        pass
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket="models", Prefix="evil-dots/").get("Contents", [])]
-    proc = run_cli("warm", "s3://models/evil-dots")
-    if any(".." in k.split("/") for k in keys):
+        client = s3.client(endpoint=s3.direct_endpoint)
+        client.put_object(Bucket="models", Key="evil-dots/ok.txt", Body=b"ok")
+        entry = f"<Contents><Key>{evil}</Key><Size>1</Size><ETag>&#34;{'0' * 32}&#34;</ETag></Contents>"
+        proxy.add_fault("rewrite", b"list-type=2",
+                        rewrite=lambda body: body.decode().replace("<Contents>", entry + "<Contents>", 1).encode())
+        proc = run_cli("warm", "s3://models/evil-dots", env=s3.env(proxy.url))
         assert_clean_error(proc, 5, "unsafe path")
-    else:
-        assert proc.returncode == 0   # the server normalised it to a key inside the prefix
+        gets = [r[1] for r in proxy.request_log() if r[0] == "GET" and "list-type" not in r[1]]
+        assert gets == [], gets
+    finally:
+        proxy.stop()
     assert not (cache_dir / "escape.txt").exists() and not (cache_dir.parent / "escape.txt").exists()
+    assert objects_in(cache_dir) == []
 
 
 # -- crash + resume ---------------------------------------------------------------------------------------------
