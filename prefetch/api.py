@@ -19,6 +19,7 @@ from . import metrics
 from .config import Settings
 from .errors import NoSpace, TransientOrUnreachable
 from .lifecycle import Lease
+from .redact import redact_obj, redact_uri
 from .store import Manifest, Store
 from .transfer import TransferConfig, TransferManager
 from .uri import Resolved, identify, locate, resolve  # noqa: F401  (resolve is re-exported)
@@ -40,11 +41,11 @@ class Warmed:
     source_path: Path | None = None   # the native object, when path is a derived one
 
     def to_dict(self) -> dict:
-        return {"uri": self.resolved.uri, "key": self.key, "path": str(self.path), "bytes": self.bytes,
+        return redact_obj({"uri": self.resolved.uri, "key": self.key, "path": str(self.path), "bytes": self.bytes,
                 "from_cache": self.from_cache, "format": self.format, "seconds": round(self.seconds, 4),
                 "origin_bytes": self.origin_bytes, "name": self.resolved.name, "version": self.resolved.version,
                 "run_id": self.resolved.run_id, "model_id": self.resolved.model_id,
-                "offline": self.resolved.offline, "note": self.resolved.note}
+                "offline": self.resolved.offline, "note": self.resolved.note})
 
 
 def warm(uri: str, format: str = "native", *, settings: Settings | None = None, progress: Progress | None = None,
@@ -102,7 +103,7 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progr
     wrote_anything = False
     try:
         _ensure_space(store, settings, total, staging, resolved)
-        (staging / INFLIGHT).write_text(json.dumps({"uri": resolved.uri, "key": resolved.key, "bytes": total,
+        (staging / INFLIGHT).write_text(json.dumps({"uri": redact_uri(resolved.uri), "key": resolved.key, "bytes": total,
                                                     "pid": os.getpid(), "started_at": time.time()}))
         counter = _Counter(total, progress)
         entries = TransferManager(source, TransferConfig.from_settings(settings), [counter]).download(files, staging)
@@ -194,7 +195,7 @@ def verify(key: str | None = None, *, repair: bool = True, settings: Settings | 
         if bad and repair:
             _repair(store, settings, manifest, set(bad))
             repaired = not store.verify(k)
-        reports.append(VerifyReport(k, manifest.uri, len(manifest.files), bad, repaired))
+        reports.append(VerifyReport(k, redact_uri(manifest.uri), len(manifest.files), bad, repaired))
     return reports
 
 
@@ -242,7 +243,7 @@ def list_objects(settings: Settings | None = None) -> list[dict]:
     pins = lifecycle.pinned_keys(store)
     rows = []
     for m in store.manifests():
-        rows.append({"key": m.key, "uri": m.uri, "source": m.source, "name": m.resolved.get("name"),
+        rows.append({"key": m.key, "uri": redact_uri(m.uri), "source": redact_uri(m.source), "name": m.resolved.get("name"),
                      "version": m.resolved.get("version"), "bytes": m.bytes, "files": len(m.files),
                      "created_at": m.created_at, "last_used": store.last_used(m.key),
                      "path": str(store.paths.object_dir(m.key)), "pinned": m.key in pins,

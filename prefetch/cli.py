@@ -27,10 +27,21 @@ _state = {"debug": False}
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    from .redact import redact_text
+
+    class _Redacting(Console):
+        """Every line the CLI prints passes here: credentials in a URI never reach the terminal or a log."""
+
+        def print(self, *objects, **kwargs):
+            return super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+    return _Redacting(stderr=True)
 
 
 def _emit_json(doc) -> None:
+    from .redact import redact_obj
+
+    doc = redact_obj(json.loads(json.dumps(doc, default=str)))   # no credentials in --json either
     sys.stdout.write(json.dumps(doc, default=str, indent=None) + "\n")
     sys.stdout.flush()
 
@@ -290,6 +301,9 @@ def status(address: Optional[str] = typer.Option(None, "--address", help="Ray cl
         report = cluster_status(address)
     except PrefetchError as e:
         raise _fail(e)
+    from .redact import redact_obj
+
+    report = redact_obj(report)   # in-flight URIs, desired sets and errors, as the nodes reported them
     if as_json:
         _emit_json(report)
     else:

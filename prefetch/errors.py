@@ -12,6 +12,11 @@ class PrefetchError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, uri: str | None = None):
+        from .redact import redact_text, redact_uri
+
+        # Credentials never reach an error line (the message often names the tracking server or a URI).
+        uri = redact_uri(uri) if isinstance(uri, str) else uri
+        message = redact_text(str(message))
         self.uri = uri
         self.message = message
         super().__init__(f"{uri}: {message}" if uri else message)
@@ -75,6 +80,9 @@ def one_line(e: BaseException, limit: int = 300, typed: bool = False) -> str:
     if typed and not isinstance(e, PrefetchError):
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     text = text or type(e).__name__
+    from .redact import redact_text
+
+    text = redact_text(text)   # errors that are not ours (a requests exception) may name a URI with userinfo
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

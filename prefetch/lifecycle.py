@@ -229,7 +229,10 @@ def pin(store: Store | Path | str, key: str, uri: str | None = None) -> bool:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({"key": key, "uri": uri, "pinned_at": time.time()}, sort_keys=True))
+    from .redact import redact_uri
+
+    tmp.write_text(json.dumps({"key": key, "uri": redact_uri(uri) if uri else uri, "pinned_at": time.time()},
+                              sort_keys=True))
     os.replace(tmp, path)
     return True
 
@@ -580,7 +583,9 @@ def unpin_target(store: Store, settings: Settings, target: str) -> list[str]:
     models:/m/latest pointed to when it was pinned, and the key it names now). Returns the keys unpinned."""
     from .errors import PrefetchError
 
-    keys = {p["key"] for p in pins(store) if p.get("uri") == target}
+    from .redact import redact_uri
+
+    keys = {p["key"] for p in pins(store) if p.get("uri") in (target, redact_uri(target))}
     try:
         keys.add(key_for(store, settings, target)[0])
     except PrefetchError:

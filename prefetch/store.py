@@ -74,7 +74,9 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def to_json(self) -> str:
-        d = dataclasses.asdict(self)
+        from .redact import redact_obj
+
+        d = redact_obj(dataclasses.asdict(self))   # no credentials at rest (DESIGN.md: manifest)
         d["files"] = [{k: v for k, v in dataclasses.asdict(f).items() if v is not None} for f in self.files]
         return json.dumps(d, indent=1, sort_keys=True)
 
@@ -298,7 +300,9 @@ class Store:
         path = self.paths.ref(ref_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True))
+        from .redact import redact_obj
+
+        tmp.write_text(json.dumps(redact_obj(data), sort_keys=True))   # no credentials at rest
         os.replace(tmp, path)
 
     # -- verification --------------------------------------------------------------------------------

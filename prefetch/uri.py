@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from . import registry
 from .config import Settings
 from .errors import BadURI, PrefetchError, Unreachable
+from .redact import redact_obj, redact_text, redact_uri
 from .store import FileEntry, Store
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -66,6 +67,10 @@ class Resolved:
     # The opened origin that produced `files` (storage URIs), reused by locate(); never serialized.
     source: object = dataclasses.field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # The identity is stored (manifests, refs) and hashed into the key: never with credentials in it.
+        object.__setattr__(self, "identity", _strip_credentials(self.identity))
+
     @property
     def bytes(self) -> int | None:
         return None if self.files is None else sum(f.size for f in self.files)
@@ -75,7 +80,7 @@ class Resolved:
         if self.files is not None:
             d["files"] = [dataclasses.asdict(f) for f in self.files]
             d["bytes"] = self.bytes
-        return d
+        return redact_obj(d)
 
 
 def parse(uri: str) -> Target:
@@ -98,7 +103,7 @@ def parse(uri: str) -> Target:
             raise BadURI("expected mlflow-artifacts:/<path>", uri)
         return Target("mlflow_artifacts", uri, path=parsed.path.strip("/"))
     if scheme in ("http", "https") and "/api/2.0/mlflow-artifacts/artifacts/" in uri:
-        return Target("mlflow_artifacts", uri, path=uri.split("/api/2.0/mlflow-artifacts/artifacts/", 1)[1])
+        return Target("mlflow_artifacts", uri, path=parsed.path.split("/api/2.0/mlflow-artifacts/artifacts/", 1)[1])
     if scheme in ("s3", "s3a", "s3n"):
         if not parsed.netloc:
             raise BadURI("expected s3://<bucket>/<prefix>", uri)
@@ -150,12 +155,25 @@ def _parse_models(uri: str) -> Target:
 
 # -- keys ------------------------------------------------------------------------------------------------
 def make_key(slug: str, identity: dict) -> str:
+    # Credentials are not identity: the same model reached with two tokens is one object (redact_uri drops them).
+    identity = _strip_credentials(identity)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", slug).strip("-.")[:64] or "artifact"
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", redact_text(slug)).strip("-.")[:64] or "artifact"
     return f"{clean}--{digest}"
 
 
+def _strip_credentials(obj):
+    if isinstance(obj, str):
+        return redact_uri(obj) if "://" in obj else redact_obj(obj)
+    if isinstance(obj, dict):
+        return {k: _strip_credentials(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strip_credentials(v) for v in obj]
+    return obj
+
+
 def _ref_id(identity: dict) -> str:
+    identity = _strip_credentials(identity)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -224,7 +242,7 @@ def _identify_listing(target: Target, settings: Settings) -> Resolved:
     identity = {"kind": target.kind, **source.identity(), "uri": _canonical_storage(target, source),
                 "files": [[f.path, f.size, f.etag] for f in files]}
     tail = target.path.rstrip("/").rsplit("/", 1)[-1] or "root"
-    slug = {"s3": f"s3-{urlparse(storage).netloc}-{tail}", "local": f"local-{tail}",
+    slug = {"s3": f"s3-{urlparse(redact_uri(storage)).netloc}-{tail}", "local": f"local-{tail}",
             "mlflow_artifacts": f"artifacts-{tail}"}.get(target.kind, f"{urlparse(storage).scheme}-{tail}")
     return Resolved(target.uri, make_key(slug, identity), target.kind, identity, storage_uri=storage, files=files,
                     source=source)

@@ -184,10 +184,14 @@ class RegistryModel:
         if model is not None:
             out.update(model.info())
             out["model"] = model.name
-        out["config"] = self._config
+        # Nothing else from user_config (it may hold anything): the URI and format only, credentials stripped.
+        config = self._config or {}
+        out["config"] = {"model_uri": config.get("model_uri"), "format": config.get("format")} if config else None
         out["error"] = self._error
         out["history"] = list(self._history)
-        return out
+        from prefetch.redact import redact_obj
+
+        return redact_obj(out)
 
     def model_info(self) -> dict:
         """status(), callable through a DeploymentHandle: `handle.model_info.remote()`."""
