@@ -52,8 +52,14 @@ def _fail(error: Exception) -> "typer.Exit":
         import traceback
 
         traceback.print_exception(error, file=sys.stderr)
-    code = getattr(error, "exit_code", 1)
-    _console().print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    from .errors import exit_code_for, one_line
+
+    code = exit_code_for(error)
+    # The message is text, never markup: a URI like models:/[/x] must print as typed, not crash rich.
+    _console().print(f"[red]error:[/red] {escape(one_line(error, limit=2000, typed=True))}", highlight=False,
+                     soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -116,20 +122,24 @@ def warm(
     options = {"tolerance": tolerance} if tolerance is not None else {}
     if cluster:
         return _warm_cluster(uris, format, address, options, as_json)
+    from rich.markup import escape
+
     from .api import warm as warm_one
 
     results, first_error = [], None
     for uri in uris:
         try:
-            with _Bar(f"warming {uri}", enabled=not as_json) as bar:
+            with _Bar(escape(f"warming {uri}"), enabled=not as_json) as bar:
                 w = warm_one(uri, format=format, progress=bar, convert_options=options)
             results.append({"ok": True, **w.to_dict()})
             if not as_json:
                 state = "hit" if w.from_cache else f"fetched {human_bytes(w.origin_bytes)}"
                 who = f" ({w.resolved.name} v{w.resolved.version})" if w.resolved.version else ""
-                _console().print(f"{uri}{who}: {state} in {w.seconds:.2f}s -> {w.path}", highlight=False, soft_wrap=True)
+                _console().print(escape(f"{uri}{who}: {state} in {w.seconds:.2f}s -> {w.path}"), highlight=False,
+                                 soft_wrap=True)
                 if w.resolved.note:
-                    _console().print(f"[yellow]note:[/yellow] {w.resolved.note}", highlight=False, soft_wrap=True)
+                    _console().print(f"[yellow]note:[/yellow] {escape(w.resolved.note)}", highlight=False,
+                                     soft_wrap=True)
         except PrefetchError as e:
             first_error = first_error or e
             results.append({"ok": False, "uri": uri, "error": str(e), "exit_code": e.exit_code})
@@ -617,6 +627,8 @@ def main() -> None:
 
         kind = NoSpace if e.errno == errno.ENOSPC else LocalIOError
         raise SystemExit(_fail(kind(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))).exit_code)
+    except Exception as e:  # noqa: BLE001 - a bug or an input nobody foresaw: still one line (--debug: traceback)
+        raise SystemExit(_fail(e).exit_code)
 
 
 if __name__ == "__main__":

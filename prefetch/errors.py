@@ -28,6 +28,10 @@ class BadURI(PrefetchError):
     exit_code = 2
 
 
+class BadSetting(BadURI):
+    """A setting (PREFETCH_* variable, config file, AWS_PROFILE...) has a value that cannot work (exit 2)."""
+
+
 class NotFound(PrefetchError):
     """The registry or the storage answered, and the thing is not there (exit 3)."""
 

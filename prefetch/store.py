@@ -22,6 +22,7 @@ from .errors import IntegrityError, NotFound
 
 MANIFEST = ".prefetch.json"
 HASH_BLOCK = 4 << 20
+REF_CLOCK_SKEW = 60.0   # seconds a ref may be dated ahead of this clock before it is ignored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,10 +292,18 @@ class Store:
 
     # -- refs: last known resolution of a mutable URI ------------------------------------------------
     def read_ref(self, ref_id: str) -> dict | None:
+        """The last resolution of a mutable URI, or None when there is none that can be trusted: a ref that is
+        torn, lacks its key or time, or is dated in the future (a wrong clock, or planted to never expire)."""
         try:
-            return json.loads(self.paths.ref(ref_id).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            ref = json.loads(self.paths.ref(ref_id).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        if not isinstance(ref, dict) or not isinstance(ref.get("key"), str) or not ref.get("kind"):
+            return None
+        at = ref.get("resolved_at")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or at > time.time() + REF_CLOCK_SKEW:
+            return None
+        return ref
 
     def write_ref(self, ref_id: str, data: dict) -> None:
         path = self.paths.ref(ref_id)

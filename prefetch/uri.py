@@ -24,6 +24,7 @@ from .store import FileEntry, Store
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 _MODEL_ID = re.compile(r"^m-[A-Za-z0-9]+$")
 _FSSPEC_LOCAL = ("file", "local", "")
+_S3_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")   # botocore's own check, before any call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,11 @@ def parse(uri: str) -> Target:
     if not isinstance(uri, str) or not uri.strip():
         raise BadURI("empty URI", str(uri))
     uri = uri.strip()
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+        parsed.netloc and parsed.port   # noqa: B018 - urlparse checks brackets and ports only when asked
+    except ValueError as e:
+        raise BadURI(f"not a valid URI ({e})", uri) from None
     scheme = parsed.scheme.lower()
     if scheme == "models":
         return _parse_models(uri)
@@ -107,6 +112,8 @@ def parse(uri: str) -> Target:
     if scheme in ("s3", "s3a", "s3n"):
         if not parsed.netloc:
             raise BadURI("expected s3://<bucket>/<prefix>", uri)
+        if not _S3_BUCKET.match(parsed.netloc):
+            raise BadURI(f"'{parsed.netloc}' is not a valid S3 bucket name (letters, digits, '.', '-', '_')", uri)
         return Target("s3", uri, path=parsed.path.strip("/"))
     if scheme in _FSSPEC_LOCAL or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
         if scheme == "file" and parsed.netloc not in ("", "localhost"):
@@ -218,7 +225,7 @@ def identify(uri: str, settings: Settings, store: Store) -> Resolved:
 
 
 def _from_ref(uri: str, ref: dict, offline: bool, note: str | None = None) -> Resolved:
-    return Resolved(uri, ref["key"], ref["kind"], ref["identity"], name=ref.get("name"), version=ref.get("version"),
+    return Resolved(uri, ref["key"], ref["kind"], ref.get("identity") or {}, name=ref.get("name"), version=ref.get("version"),
                     run_id=ref.get("run_id"), model_id=ref.get("model_id"), storage_uri=ref.get("storage_uri"),
                     offline=offline, note=note, resolved_at=ref["resolved_at"])
 

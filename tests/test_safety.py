@@ -142,3 +142,79 @@ def test_redaction_of_uris_and_text():
     assert "p4ss" not in line and "xyz" not in line and "http://h:1/a?sig=***&b=2" in line
     e = NotFound(f"cannot reach http://u:{PASSWORD}@h/", f"http://u:{PASSWORD}@h/m?access_token={TOKEN}")
     _secret_free(str(e), PASSWORD, TOKEN)
+
+
+# -- 2. every bad input is one line with its exit code ----------------------------------------------------------
+def _bad_toml(tmp: Path) -> dict:
+    (tmp / "broken.toml").write_text("max_bytes = [\n")
+    return {"PREFETCH_CONFIG": str(tmp / "broken.toml")}
+
+
+def _symlink_loop(tmp: Path) -> str:
+    src = tmp / "looped"
+    (src / "d").mkdir(parents=True)
+    (src / "weights.bin").write_bytes(b"w" * 100)
+    os.symlink("..", src / "d" / "up")          # a directory that contains itself
+    return str(src)
+
+
+BAD_INPUTS = {
+    # case: (argv after `warm`, env, exit code, a word the line must name)
+    "rich markup in a URI": (["models:/[/x]"], {}, 2, "models:/[/x]"),
+    "unbalanced bracket": (["s3://[b/x"], {}, 2, "s3://[b/x"),
+    "bad bucket name": (["s3://bad!bucket/x"], {}, 2, "bad!bucket"),
+    "unknown AWS profile": (["s3://bucket/x"], {"AWS_PROFILE": "nope"}, 2, "AWS_PROFILE"),
+    "size that is not a size": (["s3://bucket/x"], {"PREFETCH_MAX_BYTES": "lots"}, 2, "PREFETCH_MAX_BYTES"),
+    "zero concurrency": (["s3://bucket/x"], {"PREFETCH_MAX_CONCURRENCY": "0"}, 2, "PREFETCH_MAX_CONCURRENCY"),
+    "fractional attempts": (["s3://bucket/x"], {"PREFETCH_MAX_ATTEMPTS": "1.5"}, 2, "PREFETCH_MAX_ATTEMPTS"),
+    "negative timeout": (["s3://bucket/x"], {"PREFETCH_READ_TIMEOUT": "-1"}, 2, "PREFETCH_READ_TIMEOUT"),
+    "broken TOML config": (["s3://bucket/x"], _bad_toml, 2, "broken.toml"),
+    "symlink loop in a local source": (_symlink_loop, {}, 5, "loop"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_with_its_exit_code(case, tmp_path, cache_dir):
+    argv, env, code, needle = BAD_INPUTS[case]
+    argv = [argv(tmp_path)] if callable(argv) else argv
+    env = env(tmp_path) if callable(env) else env
+    proc = run_cli("warm", *argv, env=env, timeout=120)
+    assert_clean_error(proc, code, needle)
+    assert objects_in(cache_dir) == []
+    # --debug keeps the traceback for whoever wants it.
+    debug = run_cli("--debug", "warm", *argv, env=env, timeout=120)
+    assert debug.returncode == code and "Traceback" in debug.stderr
+
+
+def test_a_ref_without_resolved_at_is_ignored(tmp_path, cache_dir):
+    """A torn or hand-edited ref (no resolved_at) is not trusted: the origin is asked again; here it is down,
+    so the answer is one line with exit 4, not a KeyError."""
+    from prefetch.uri import _ref_id
+
+    uri = "s3://bucket/model"
+    ref = cache_dir / "refs" / f"{_ref_id({'uri': uri, 'registry': None})}.json"
+    ref.parent.mkdir(parents=True)
+    ref.write_text(json.dumps({"uri": uri, "key": "model--0123456789abcdef", "kind": "s3", "identity": {}}))
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{harness.free_port()}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "PREFETCH_MAX_ATTEMPTS": "1", "PREFETCH_CONNECT_TIMEOUT": "1"}
+    assert_clean_error(run_cli("warm", uri, env=env, timeout=120), 4, uri)
+    assert objects_in(cache_dir) == []
+
+
+# -- 7. local sources never follow symlinks out of their root ---------------------------------------------------
+@pytest.mark.parametrize("form", ["local", "file", "path"])
+def test_local_source_refuses_symlinks_out_of_its_root(form, tmp_path, cache_dir):
+    outside = tmp_path / "outside-secret.txt"
+    outside.write_text("not part of the model")
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(b"w" * 1000)
+    os.symlink("weights.bin", src / "alias.bin")          # inside the root: fine
+    uri = {"local": f"local://{src}", "file": src.as_uri(), "path": str(src)}[form]
+    ok = json.loads(run_cli("warm", uri, "--json", check=True).stdout)["results"][0]
+    assert (Path(ok["path"]) / "alias.bin").read_bytes() == b"w" * 1000
+    os.symlink(outside, src / "leak.txt")                 # out of the root: refused before any byte
+    proc = run_cli("warm", uri, env={"PREFETCH_REF_TTL": "0"})
+    assert_clean_error(proc, 5, "leak.txt")
+    assert not any("not part of the model" in p.read_text(errors="replace")
+                   for p in cache_dir.rglob("*") if p.is_file() and not p.is_symlink())
