@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from .config import Settings
 from .errors import PrefetchError, error_fields  # noqa: F401  (error_fields: re-exported)
 from .lifecycle import pid_alive, pin, pins, unpin
+from .quarantine import quarantined
 from .store import Store
 
 if TYPE_CHECKING:
@@ -282,7 +283,8 @@ class NodeAgent:
         try:
             manifests = store.manifests()
             doc |= {"objects": len(manifests), "bytes": sum(m.bytes for m in manifests),
-                    "used_bytes": store.used_bytes(), "inflight": inflight_downloads(store)}
+                    "used_bytes": store.used_bytes(), "inflight": inflight_downloads(store),
+                    "quarantined": quarantined(store)}
             try:
                 import shutil
 

@@ -20,7 +20,7 @@ from .config import Settings
 from .errors import NoSpace, TransientOrUnreachable
 from .lifecycle import Lease
 from .redact import redact_obj, redact_uri
-from .store import Manifest, Store
+from .store import MANIFEST, Manifest, Store
 from .transfer import TransferConfig, TransferManager
 from .uri import Resolved, identify, locate, resolve  # noqa: F401  (resolve is re-exported)
 
@@ -189,6 +189,8 @@ def verify(key: str | None = None, *, repair: bool = True, settings: Settings | 
     for k in keys:
         manifest = store.lookup(k, touch=False)
         if manifest is None:
+            if not store.paths.object_dir(k).exists():   # its manifest was unreadable: just quarantined
+                reports.append(VerifyReport(k, "", 0, [MANIFEST], False))
             continue
         bad = store.verify(k)
         repaired = False

@@ -194,8 +194,13 @@ def ls_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     from .api import list_objects
 
     rows = list_objects()
+    from .config import Settings
+    from .quarantine import quarantined
+    from .store import Store
+
+    held = quarantined(Store(Settings.load().cache_dir))
     if as_json:
-        return _emit_json({"objects": rows, "bytes": sum(r["bytes"] for r in rows)})
+        return _emit_json({"objects": rows, "bytes": sum(r["bytes"] for r in rows), "quarantined": held})
     from rich.table import Table
 
     table = Table("key", "uri", "version", "size", "last used", "pinned", "leases", box=None)
@@ -204,6 +209,9 @@ def ls_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
                       "yes" if r.get("pinned") else "", str(r.get("leases") or ""))
     _console().print(table)
     _console().print(f"{len(rows)} objects, {human_bytes(sum(r['bytes'] for r in rows))}", highlight=False)
+    for q in held:
+        _console().print(f"[yellow]quarantined:[/yellow] {q['key']}: {q['reason']} ({q['path']})", highlight=False,
+                         soft_wrap=True)
 
 
 @app.command()
@@ -218,8 +226,13 @@ def verify(key: Optional[str] = typer.Argument(None, help="A key or unique key p
     except PrefetchError as e:
         raise _fail(e)
     ok = all(r.ok for r in reports)
+    from .config import Settings
+    from .quarantine import quarantined
+    from .store import Store
+
+    held = quarantined(Store(Settings.load().cache_dir))
     if as_json:
-        _emit_json({"objects": [r.to_dict() for r in reports], "ok": ok})
+        _emit_json({"objects": [r.to_dict() for r in reports], "ok": ok, "quarantined": held})
     else:
         for r in reports:
             if not r.bad:
@@ -227,6 +240,8 @@ def verify(key: Optional[str] = typer.Argument(None, help="A key or unique key p
             else:
                 state = "repaired" if r.repaired else "CORRUPT "
                 _console().print(f"{state}  {r.key}: {', '.join(r.bad)}", highlight=False, soft_wrap=True)
+        for q in held:
+            _console().print(f"quarantined {q['key']}: {q['reason']}", highlight=False, soft_wrap=True)
     if not ok:
         raise typer.Exit(5)
 

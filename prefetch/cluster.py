@@ -567,6 +567,10 @@ def render_status_table(report: dict, console) -> None:
     console.print(table)
     console.print(f"{len(report['nodes'])} nodes, {report['objects']} objects, {_human(report['bytes'])} cached, "
                   f"{report['inflight']} downloads in flight", highlight=False)
+    for r in report["nodes"]:
+        for q in r.get("quarantined") or []:   # objects whose manifest could not be read (prefetch/quarantine.py)
+            console.print(f"quarantined on {r.get('node_ip') or '-'}: {q.get('key')}: {q.get('reason')}",
+                          highlight=False, soft_wrap=True)
 
 
 def clear_desired(address: str | None = None) -> dict:

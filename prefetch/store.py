@@ -149,10 +149,16 @@ class Store:
     # -- reading -----------------------------------------------------------------------------------
     def lookup(self, key: str, touch: bool = True) -> Manifest | None:
         """The committed object's manifest, or None. A hit marks the object as used (for LRU)."""
+        from .quarantine import ManifestError, parse_manifest, quarantine
+
         path = self.paths.manifest(key)
         try:
-            manifest = Manifest.from_json(path.read_text())
-        except FileNotFoundError:
+            manifest = parse_manifest(path.read_bytes().decode("utf-8", "replace"), Manifest)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except ManifestError as e:
+            # One broken manifest must not break the node: move the object aside; the key is a miss again.
+            quarantine(self, key, str(e))
             return None
         if touch:
             self.touch(key)

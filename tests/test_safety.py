@@ -218,3 +218,58 @@ def test_local_source_refuses_symlinks_out_of_its_root(form, tmp_path, cache_dir
     assert_clean_error(proc, 5, "leak.txt")
     assert not any("not part of the model" in p.read_text(errors="replace")
                    for p in cache_dir.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# -- 3. quarantine, not collapse ----------------------------------------------------------------------------------
+def _two_local_models(tmp_path: Path) -> tuple[str, str]:
+    uris = []
+    for name in ("alpha", "beta"):
+        src = tmp_path / name
+        src.mkdir()
+        (src / "w.bin").write_bytes(name.encode() * 1000)
+        uris.append(str(src))
+    return uris[0], uris[1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "future-format"])
+def test_unreadable_manifest_is_quarantined_and_the_rest_keeps_working(damage, tmp_path, cache_dir):
+    from prefetch.store import MANIFEST
+
+    a, b = _two_local_models(tmp_path)
+    ka = json.loads(run_cli("warm", a, "--json", check=True).stdout)["results"][0]["key"]
+    kb = json.loads(run_cli("warm", b, "--json", check=True).stdout)["results"][0]["key"]
+    manifest = cache_dir / "objects" / ka / MANIFEST
+    text = manifest.read_text()
+    os.chmod(manifest, 0o644)
+    if damage == "truncated":
+        manifest.write_text(text[: len(text) // 2])
+    else:
+        manifest.write_text(json.dumps({**json.loads(text), "version": 99, "chunks": {"new": "field"}}))
+    listing = json.loads(run_cli("ls", "--json", check=True).stdout)
+    assert [o["key"] for o in listing["objects"]] == [kb]
+    assert [q["key"] for q in listing["quarantined"]] == [ka]
+    assert ("newer" in listing["quarantined"][0]["reason"]) == (damage == "future-format")
+    assert not (cache_dir / "objects" / ka).exists()
+    verify = run_cli("verify", "--json")
+    assert verify.returncode == 0, verify.stderr          # what is left is sound
+    assert [q["key"] for q in json.loads(verify.stdout)["quarantined"]] == [ka]
+    assert run_cli("gc", "--json").returncode == 0
+    # The other key is still a hit; the quarantined one downloads again, with a good manifest.
+    assert json.loads(run_cli("warm", b, "--json", check=True).stdout)["results"][0]["from_cache"]
+    again = json.loads(run_cli("warm", a, "--json", check=True).stdout)["results"][0]
+    assert again["key"] == ka and not again["from_cache"] and again["origin_bytes"] == 5000
+    assert json.loads((cache_dir / "objects" / ka / MANIFEST).read_text())["version"] == 1
+
+
+def test_quarantine_found_by_verify_first(tmp_path, cache_dir):
+    from prefetch.store import MANIFEST
+
+    a, _b = _two_local_models(tmp_path)
+    ka = json.loads(run_cli("warm", a, "--json", check=True).stdout)["results"][0]["key"]
+    manifest = cache_dir / "objects" / ka / MANIFEST
+    os.chmod(manifest, 0o644)
+    manifest.write_text('{"key": "')
+    proc = run_cli("verify", "--json")
+    assert proc.returncode == 5 and "Traceback" not in proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["objects"] == [{"key": ka, "uri": "", "files": 0, "bad": [MANIFEST], "repaired": False, "ok": False}]
