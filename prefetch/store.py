@@ -145,12 +145,18 @@ class Store:
     def __init__(self, root: Path | str):
         self.paths = StorePaths(Path(root).expanduser())
         self.root = self.paths.root
+        from . import trust
+
+        trust.prepare(self.root)   # refuse a cache dir others could write into (exit 2), before any read
 
     # -- reading -----------------------------------------------------------------------------------
     def lookup(self, key: str, touch: bool = True) -> Manifest | None:
         """The committed object's manifest, or None. A hit marks the object as used (for LRU)."""
         from .quarantine import ManifestError, parse_manifest, quarantine
 
+        from .trust import check_not_symlink
+
+        check_not_symlink(self.paths.object_dir(key), "cached object")   # never serve through a planted link
         path = self.paths.manifest(key)
         try:
             manifest = parse_manifest(path.read_bytes().decode("utf-8", "replace"), Manifest)
@@ -220,7 +226,12 @@ class Store:
         so its .part files resume; extra leftovers are removed."""
         root = self.paths.staging_root()
         root.mkdir(parents=True, exist_ok=True)
-        leftovers = sorted(root.glob(f"{key}.*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        from .trust import check_not_symlink
+
+        leftovers = list(root.glob(f"{key}.*"))
+        for p in leftovers:
+            check_not_symlink(p, "staging dir")   # a planted staging/<key>.x symlink is refused, never written into
+        leftovers.sort(key=lambda p: p.lstat().st_mtime, reverse=True)
         for extra in leftovers[1:]:
             shutil.rmtree(extra, ignore_errors=True)
         if leftovers:
@@ -236,6 +247,13 @@ class Store:
         """Verify sizes (and sha256 when the manifest has them), fsync, write the manifest, rename into objects/.
 
         Call with the key's lock held. The staging dir is gone afterwards whatever happens."""
+        from .trust import check_not_symlink, file_mode, symlinks_below
+
+        check_not_symlink(staging, "staging dir")
+        links = symlinks_below(staging)
+        if links:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise IntegrityError(f"staging holds a symlink ({links[0]}); refused, nothing committed", manifest.uri)
         try:
             for f in manifest.files:
                 p = staging / f.path
@@ -251,7 +269,12 @@ class Store:
             (staging / MANIFEST).write_text(manifest.to_json())
             fsync_tree(staging)
             for f in manifest.files:
-                os.chmod(staging / f.path, 0o444)
+                os.chmod(staging / f.path, file_mode())   # read-only, no world bits (trust.py)
+            os.chmod(staging / MANIFEST, file_mode() | 0o200)   # lookup() touches it (LRU): owner-writable
+            from .trust import dir_mode
+
+            for dirpath, _dirs, _files in os.walk(staging):      # whatever the umask was when they were made
+                os.chmod(dirpath, dir_mode())
             dest = self.paths.object_dir(manifest.key)
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:

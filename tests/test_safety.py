@@ -273,3 +273,101 @@ def test_quarantine_found_by_verify_first(tmp_path, cache_dir):
     assert proc.returncode == 5 and "Traceback" not in proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["objects"] == [{"key": ka, "uri": "", "files": 0, "bad": [MANIFEST], "repaired": False, "ok": False}]
+
+
+# -- 4. trust of the cache directory ------------------------------------------------------------------------------
+def _local_model(tmp_path: Path, name: str = "trusted", size: int = 3000) -> str:
+    src = tmp_path / name
+    (src / "sub").mkdir(parents=True)
+    (src / "w.bin").write_bytes(os.urandom(size))
+    (src / "sub" / "c.json").write_text("{}")
+    return str(src)
+
+
+@pytest.mark.parametrize("where, how", [("root", "mode 777"), ("root", "mode 770"), ("objects", "mode 777"),
+                                        ("staging", "mode 775"), ("refs", "other owner"), ("root", "other owner"),
+                                        ("locks", "symlink")])
+def test_untrusted_cache_dir_is_refused(where, how, tmp_path, cache_dir):
+    uri = _local_model(tmp_path)
+    assert run_cli("warm", uri).returncode == 0        # creates the layout
+    target = cache_dir if where == "root" else cache_dir / where
+    if how.startswith("mode"):
+        os.chmod(target, int(how.split()[1], 8))
+    elif how == "other owner":
+        os.chown(target, 65534, 65534)
+    else:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        os.rename(target, tmp_path / "old-locks")
+        os.symlink(elsewhere, target)
+    for argv in (["warm", _local_model(tmp_path, "second")], ["ls"]):
+        assert_clean_error(run_cli(*argv), 2, str(target))
+    assert len(objects_in(cache_dir)) == 1
+
+
+def test_modes_whatever_the_umask(tmp_path, cache_dir):
+    """Dirs 0700 and files 0400 with umask 000; 2750 and 0440 with PREFETCH_SHARED_GROUP."""
+    import stat
+
+    def warm_with_umask(uri: str, cache: Path, **env):
+        cmd = f"umask 000; exec {sys.executable} -m prefetch.cli warm --json {uri}"
+        proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, cwd=REPO, timeout=120,
+                              env={**os.environ, "PREFETCH_CACHE_DIR": str(cache), **env})
+        assert proc.returncode == 0, proc.stderr
+        return Path(json.loads(proc.stdout)["results"][0]["path"])
+
+    def modes(path: Path) -> set[int]:
+        return {stat.S_IMODE(p.stat().st_mode) for p in path.rglob("*") if p.is_file() and p.name != ".prefetch.json"}
+
+    private = tmp_path / "private-cache"
+    obj = warm_with_umask(_local_model(tmp_path), private)
+    assert modes(obj) == {0o400}
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert {stat.S_IMODE((private / d).stat().st_mode) for d in ("objects", "staging", "refs", "locks")} == {0o700}
+    shared = tmp_path / "shared-cache"
+    obj = warm_with_umask(_local_model(tmp_path, "other"), shared, PREFETCH_SHARED_GROUP="0")
+    assert modes(obj) == {0o440}
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o2750 and shared.stat().st_gid == 0
+    # Nothing in an object grants anything to others; the rest (refs, locks...) sits in 0700/2750 dirs.
+    for cache in (private, shared):
+        tree = [cache / "objects", *(cache / "objects").rglob("*")]
+        assert tree[1:] and all(not (p.lstat().st_mode & 0o007) for p in tree)
+        assert all(not ((cache / d).lstat().st_mode & 0o007) for d in ("refs", "locks", "pins", "staging"))
+
+
+def test_planted_staging_symlink_is_refused(tmp_path, cache_dir):
+    uri = _local_model(tmp_path)
+    key = json.loads(run_cli("warm", uri, "--json", check=True).stdout)["results"][0]["key"]
+    run_cli("rm", key, check=True)
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    (attacker / "w.bin").write_bytes(b"evil")
+    os.symlink(attacker, cache_dir / "staging" / f"{key}.deadbeef")
+    assert_clean_error(run_cli("warm", uri), 2, f"{key}.deadbeef")
+    assert not (cache_dir / "objects" / key).exists() and not os.path.lexists(cache_dir / "objects" / key)
+    assert sorted(p.name for p in attacker.iterdir()) == ["w.bin"] and (attacker / "w.bin").read_bytes() == b"evil"
+
+
+def test_planted_object_symlink_is_not_served(tmp_path, cache_dir):
+    uri = _local_model(tmp_path)
+    key = json.loads(run_cli("warm", uri, "--json", check=True).stdout)["results"][0]["key"]
+    real = cache_dir / "objects" / key
+    os.rename(real, tmp_path / "moved-object")
+    os.symlink(tmp_path / "moved-object", real)
+    assert_clean_error(run_cli("warm", uri), 2, key)
+
+
+def test_ref_dated_in_the_future_is_ignored(cache_dir):
+    import fsspec
+    import prefetch
+    from prefetch.config import Settings
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/trust/m/w.bin", b"a" * 100)
+    first = prefetch.warm("memory://trust/m")
+    mem.pipe("/trust/m/w.bin", b"b" * 100)
+    (ref,) = (cache_dir / "refs").glob("*.json")
+    doc = json.loads(ref.read_text())
+    ref.write_text(json.dumps({**doc, "resolved_at": doc["resolved_at"] + 10 * 365 * 86400}))
+    again = prefetch.warm("memory://trust/m", settings=Settings.load(ref_ttl=0))
+    assert again.key != first.key and (again.path / "w.bin").read_bytes() == b"b" * 100

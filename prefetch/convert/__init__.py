@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..errors import ConversionError, NoSpace, UnsupportedFormat
 from ..store import MANIFEST, Manifest, Store, fsync_dir, fsync_tree, sha256_file
+from ..trust import file_mode
 from .runtime import load_derived, read_manifest  # noqa: F401  (re-exported for serving)
 
 __all__ = ["ensure_converted", "load_derived", "read_manifest", "flavor_of", "supported_formats", "SUPPORTED", "derived_id"]
@@ -215,7 +216,7 @@ def _commit(staging: Path, dest: Path, doc: dict) -> None:
     """Same shape as Store.commit: manifest, read-only files, fsync, one rename. Call with the lock held."""
     (staging / MANIFEST).write_text(json.dumps(doc, indent=1, sort_keys=True))
     for f in doc["files"]:
-        os.chmod(staging / f["path"], 0o444)
+        os.chmod(staging / f["path"], file_mode())   # read-only, no world bits (prefetch/trust.py)
     fsync_tree(staging)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
