@@ -30,6 +30,7 @@ from .config import Settings
 from .errors import PrefetchError, error_fields  # noqa: F401  (error_fields: re-exported)
 from .lifecycle import pid_alive, pin, pins, unpin
 from .quarantine import quarantined
+from .records import record_alive
 from .store import Store
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def inflight_downloads(store: Store) -> list[dict]:
         started = doc.get("started_at")
         rows.append({"uri": doc.get("uri"), "key": doc.get("key"), "bytes": total, "done": done,
                      "progress": round(min(1.0, done / total), 4) if total else None,
-                     "pid": pid, "alive": pid_alive(pid), "started_at": started,
+                     "pid": pid, "alive": record_alive(doc, d / INFLIGHT), "started_at": started,
                      "seconds": round(now - started, 1) if started else None, "staging": d.name})
     return rows
 

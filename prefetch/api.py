@@ -103,11 +103,16 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progr
     wrote_anything = False
     try:
         _ensure_space(store, settings, total, staging, resolved)
-        (staging / INFLIGHT).write_text(json.dumps({"uri": redact_uri(resolved.uri), "key": resolved.key, "bytes": total,
-                                                    "pid": os.getpid(), "started_at": time.time()}))
+        from . import records
+
+        inflight = {"uri": redact_uri(resolved.uri), "key": resolved.key, "bytes": total,
+                    "started_at": time.time(), **records.holder_fields()}
+        (staging / INFLIGHT).write_text(json.dumps(inflight))
+        records.keep_alive(staging / INFLIGHT, inflight["ttl"])   # expires if this process dies or freezes
         counter = _Counter(total, progress)
         entries = TransferManager(source, TransferConfig.from_settings(settings), [counter]).download(files, staging)
         wrote_anything = True
+        records.release(staging / INFLIGHT)
         (staging / INFLIGHT).unlink()
         manifest = Manifest(
             key=resolved.key, uri=resolved.uri, source=resolved.storage_uri or resolved.uri,
@@ -117,6 +122,9 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progr
         store.commit(staging, manifest)
         return manifest, counter.fetched
     except BaseException as e:
+        from . import records
+
+        records.release(staging / INFLIGHT)
         # A download the origin cut off halfway keeps its staging dir so the next try resumes; anything
         # else (bad listing, no space, integrity, ^C before any byte) leaves nothing behind.
         if not (isinstance(e, TransientOrUnreachable) and _staged_bytes(staging) > 0) or wrote_anything:

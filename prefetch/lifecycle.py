@@ -9,9 +9,10 @@ Rules:
 - An object is never evicted while it is pinned, leased by a live holder, or in `protect` (what the caller is
   about to write). Pins and leases may name keys that are not cached yet: pinning or leasing *before* warming
   is how a caller closes the window between "committed" and "protected".
-- A lease counts while its holder lives: same host -> the pid exists, is not a zombie, and started when the
-  lease says (pid reuse); a Ray actor -> also not DEAD in the GCS (asked only when ray is already initialized in
-  this process). A lease written on another host cannot be checked and keeps counting (conservative).
+- A lease counts while its holder lives (prefetch/records.py): its heartbeat (renewed by the holder) is younger
+  than its TTL wherever it was written; on this host also same boot, the pid exists, is not a zombie, and
+  started when the lease says (pid reuse); a Ray actor -> also not DEAD in the GCS (asked only when ray is
+  already initialized in this process).
 - Eviction takes the victim's lock without waiting (a warm or a repair of that key is in progress: skip it),
   moves the object and derived/<key> to trash/, looks at the leases again, and puts everything back if a lease
   appeared meanwhile. A reader therefore either sees its lease honoured or finds the object gone and warms again.
@@ -30,6 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
+from . import records
 from .config import Settings
 from .config import human_bytes as human
 from .errors import NoSpace
@@ -49,30 +51,13 @@ def _hostname() -> str:
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc, or None where /proc is not there."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()   # the command name may hold spaces and parentheses
-    return fields[0], int(fields[19])
+    return records.proc_stat(pid)
 
 
 def pid_alive(pid: int, start: int | None = None) -> bool:
-    """True if pid runs on this host (and, given its recorded start time, is still the same process)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass                                     # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, started = stat
-    if state in ("Z", "X"):                      # killed, not yet reaped by its parent: it holds nothing
-        return False
-    return start is None or started == start
+    """True if pid runs on this host (and, given its recorded start time, is still the same process).
+    pid <= 0 is never alive (prefetch/records.py)."""
+    return records.pid_alive(pid, start)
 
 
 def _ray_actor_state() -> tuple[str | None, str | None]:
@@ -108,9 +93,8 @@ def holder_alive(doc: dict) -> bool:
     """Does the process (or Ray actor) that wrote this lease still live?"""
     if doc.get("actor_id") and _ray_actor_dead(doc["actor_id"]) is True:
         return False
-    if doc.get("host") != _hostname():
-        return True                              # cannot check a pid on another host: keep counting it
-    return pid_alive(int(doc.get("pid", -1)), doc.get("pid_start"))
+    # Heartbeat within its TTL wherever it was written; on this host also boot id, pid and start time.
+    return records.record_alive(doc, doc.get("path"))
 
 
 # -- leases ----------------------------------------------------------------------------------------------------
@@ -135,9 +119,7 @@ class Lease:
     def acquire(cls, store_root: Path | str | Store, key: str, holder: str | None = None) -> "Lease":
         store = _store(store_root)
         actor_id, node_id = _ray_actor_state()
-        stat = _proc_stat(os.getpid())
-        doc = {"key": key, "pid": os.getpid(), "host": _hostname(), "holder": holder, "created_at": time.time(),
-               "pid_start": stat[1] if stat else None, "actor_id": actor_id, "node_id": node_id}
+        doc = {"key": key, "holder": holder, "actor_id": actor_id, "node_id": node_id, **records.holder_fields()}
         name = f"{_hostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         directory = _lease_dir(store, key)
         for attempt in range(5):   # gc may remove an empty lease dir between our mkdir and our write
@@ -146,6 +128,7 @@ class Lease:
             try:
                 tmp.write_text(json.dumps(doc, sort_keys=True))
                 os.replace(tmp, directory / name)
+                records.keep_alive(directory / name, doc["ttl"])   # the heartbeat: renewed until release()
                 break
             except FileNotFoundError:
                 if attempt == 4:
@@ -158,6 +141,7 @@ class Lease:
         if self._released:
             return
         self._released = True
+        records.release(self.path)
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -283,7 +267,7 @@ def _inflight(staging: Path) -> dict | None:
         doc = json.loads((staging / INFLIGHT).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return doc if pid_alive(int(doc.get("pid", -1))) else None
+    return doc if records.record_alive(doc, staging / INFLIGHT) else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -371,3 +371,90 @@ def test_ref_dated_in_the_future_is_ignored(cache_dir):
     ref.write_text(json.dumps({**doc, "resolved_at": doc["resolved_at"] + 10 * 365 * 86400}))
     again = prefetch.warm("memory://trust/m", settings=Settings.load(ref_ttl=0))
     assert again.key != first.key and (again.path / "w.bin").read_bytes() == b"b" * 100
+
+
+# -- 5. leases and in-flight records that expire -------------------------------------------------------------------
+LEASE_TTL = 3.0
+_OTHER_POD = """
+import os, socket, sys, time
+socket.sethostname("deleted-pod-7f9c")
+from prefetch.lifecycle import Lease
+lease = Lease.acquire(sys.argv[1], sys.argv[2], holder="replica on another pod")
+print(lease.path, flush=True)
+if sys.argv[3] == "exit":
+    os._exit(0)            # dies holding it: no release, no more heartbeats
+time.sleep(600)            # keeps running (and heartbeating) until the test stops or kills it
+"""
+
+
+def _other_pod(cache: Path, key: str, mode: str) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen(["unshare", "--uts", sys.executable, "-c", _OTHER_POD, str(cache), key, mode],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PREFETCH_LEASE_TTL": str(LEASE_TTL), "PYTHONPATH": str(REPO)})
+    path = Path(proc.stdout.readline().strip())
+    assert path.name.startswith("deleted-pod-7f9c-"), path
+    return proc, path
+
+
+def _wait(predicate, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_lease_from_another_host_expires_after_its_ttl_and_gc_removes_it(cache_dir, monkeypatch):
+    import time
+
+    from prefetch import lifecycle
+    from prefetch.config import Settings
+    from prefetch.store import Store
+
+    monkeypatch.setenv("PREFETCH_LEASE_TTL", str(LEASE_TTL))
+    store = Store(cache_dir)
+    dead_key, live_key = "dead-pod--0123456789abcdef", "live-pod--0123456789abcdef"
+    dead, dead_path = _other_pod(cache_dir, dead_key, "exit")
+    dead.wait(timeout=60)
+    live, live_path = _other_pod(cache_dir, live_key, "sleep")
+    try:
+        # Written under another hostname: the pid cannot be checked from here; only the heartbeat can.
+        assert json.loads(dead_path.read_text())["host"] == "deleted-pod-7f9c"
+        assert _wait(lambda: not lifecycle.active_leases(store, dead_key), 4 * LEASE_TTL)
+        time.sleep(2 * LEASE_TTL)            # well past the TTL: the running holder's heartbeat keeps it
+        assert len(lifecycle.active_leases(store, live_key)) == 1
+        actions = lifecycle.gc(store, Settings.load())
+        assert [(a.kind, a.target) for a in actions if a.kind == "lease"] == [("lease", dead_key)]
+        assert not dead_path.exists() and live_path.exists()
+        # A holder that still runs but no longer heartbeats (frozen) expires too.
+        live.send_signal(19)                 # SIGSTOP
+        assert _wait(lambda: not lifecycle.active_leases(store, live_key), 4 * LEASE_TTL)
+        lifecycle.gc(store, Settings.load())
+        assert not live_path.exists()
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+
+
+def test_no_bare_pid_checks():
+    import time
+
+    from prefetch import records
+    from prefetch.lifecycle import pid_alive
+
+    assert pid_alive(-1) is False and pid_alive(0) is False
+    me = records.holder_fields(ttl=30)
+    assert records.record_alive(me, now=time.time())
+    assert not records.record_alive({**me, "pid_start": me["pid_start"] + 1})        # pid reused
+    assert not records.record_alive({**me, "boot_id": "another-boot"})               # the host rebooted
+    assert not records.record_alive({**me, "pid": -1}) and not records.record_alive({**me, "pid": 0})
+    assert not records.record_alive({**me, "created_at": time.time() - 31})          # heartbeat too old
+    assert records.record_alive({**me, "host": "elsewhere", "pid": 1 << 22})         # fresh, other host
+
+
+def test_lease_ttl_setting_is_validated(cache_dir, tmp_path):
+    assert_clean_error(run_cli("warm", _local_model(tmp_path), env={"PREFETCH_LEASE_TTL": "soon"}), 2,
+                       "PREFETCH_LEASE_TTL")
