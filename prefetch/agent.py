@@ -31,6 +31,7 @@ from .errors import PrefetchError, error_fields  # noqa: F401  (error_fields: re
 from .lifecycle import pid_alive, pin, pins, unpin
 from .quarantine import quarantined
 from .records import record_alive
+from .uri import recheck
 from .store import Store
 
 if TYPE_CHECKING:
@@ -339,6 +340,8 @@ class NodeAgent:
         store = Store(settings.cache_dir)
         rows = []
         for uri in uris:
+            if not _mutable(uri):
+                recheck(uri, settings, store)   # a re-registered version becomes a new key (prefetch/uri.py)
             row = self._row(uri, format, None, "daemon", settings)
             if row["ok"]:
                 _pin(store, row["key"], uri)

@@ -184,9 +184,67 @@ def _ref_id(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _version_identity(name: str, version: str) -> tuple[str, dict]:
-    identity = {"kind": "model_version", "registry": registry.registry_uri(), "name": name, "version": str(version)}
-    return make_key(f"{name}-v{version}", identity), identity
+def _version_identity(mv: dict) -> tuple[str, dict]:
+    """A registry version is its name and number *and* what it was made from: a model deleted and registered
+    again under the same name restarts at v1 with another run and storage location, and must not be served the
+    old v1 from cache."""
+    identity = {"kind": "model_version", "registry": redact_uri(registry.registry_uri()), "name": mv["name"],
+                "version": str(mv["version"]), "run_id": mv.get("run_id"), "model_id": mv.get("model_id"),
+                "source": redact_uri(mv.get("source") or "")}
+    return make_key(f"{mv['name']}-v{mv['version']}", identity), identity
+
+
+def _version_ref_id(name: str, version: str) -> str:
+    """The ref that remembers which key `name` v`version` is: what lets a pinned URI hit with no network."""
+    return _ref_id({"version_of": name, "version": str(version), "registry": registry.registry_uri()})
+
+
+def _resolved_version(uri: str, kind: str, mv: dict, store: Store) -> Resolved:
+    key, identity = _version_identity(mv)
+    resolved = Resolved(uri, key, kind, identity, name=mv["name"], version=str(mv["version"]), run_id=mv["run_id"],
+                        model_id=mv["model_id"])
+    # Every answer of the registry updates the version's ref: pinned URIs follow a re-registered version.
+    store.write_ref(_version_ref_id(mv["name"], mv["version"]),
+                    {"uri": f"models:/{mv['name']}/{mv['version']}", "key": key, "kind": "model_version",
+                     "identity": identity, "name": mv["name"], "version": str(mv["version"]),
+                     "run_id": mv["run_id"], "model_id": mv["model_id"], "storage_uri": None,
+                     "resolved_at": resolved.resolved_at})
+    return resolved
+
+
+def _identify_version(uri: str, target: Target, store: Store) -> Resolved:
+    """models:/<name>/<n>: the version's ref when there is one (no network: a hit stays free), else one registry
+    call. When the registry is down and there is no ref, a cached object of that version still answers."""
+    ref = store.read_ref(_version_ref_id(target.name, target.version))
+    if ref:
+        return _from_ref(uri, ref, offline=False)
+    try:
+        mv = registry.model_version(uri, target.name, version=target.version)
+    except Unreachable as e:
+        registry_id = redact_uri(registry.registry_uri())
+        for m in store.manifests():
+            ident = m.identity
+            if (ident.get("kind"), ident.get("registry"), ident.get("name"), ident.get("version")) == \
+                    ("model_version", registry_id, target.name, target.version):
+                return Resolved(uri, m.key, "model_version", ident, name=target.name, version=target.version,
+                                run_id=ident.get("run_id"), model_id=ident.get("model_id"), offline=True,
+                                note=f"registry unreachable ({e}); using the cached copy of this version")
+        raise
+    return _resolved_version(uri, target.kind, mv, store)
+
+
+def recheck(uri: str, settings: Settings, store: Store) -> str | None:
+    """The daemon's interval re-check of a pinned registry version: ask the registry what the version is made
+    of now and update its ref (a re-registered v1 becomes a new key on the next warm). Returns the key, or None
+    when there is nothing to check or the registry cannot be reached (the cached answer stands)."""
+    try:
+        target = parse(uri)
+        if target.kind != "model_version":
+            return None
+        mv = registry.model_version(uri, target.name, version=target.version)
+        return _resolved_version(uri, target.kind, mv, store).key
+    except (PrefetchError, OSError):
+        return None
 
 
 # -- identify ----------------------------------------------------------------------------------------------
@@ -194,8 +252,7 @@ def identify(uri: str, settings: Settings, store: Store) -> Resolved:
     """The key for uri: no network for pinned registry URIs; one origin call (or a fresh ref) for mutable ones."""
     target = parse(uri)
     if target.kind == "model_version":
-        key, identity = _version_identity(target.name, target.version)
-        return Resolved(uri, key, target.kind, identity, name=target.name, version=target.version)
+        return _identify_version(uri, target, store)
     if target.kind == "logged_model":
         identity = {"kind": "logged_model", "tracking": registry.tracking_uri(), "model_id": target.model_id}
         return Resolved(uri, make_key(target.model_id, identity), target.kind, identity, model_id=target.model_id)
@@ -210,7 +267,7 @@ def identify(uri: str, settings: Settings, store: Store) -> Resolved:
     if ref and time.time() - ref["resolved_at"] < settings.ref_ttl and store.lookup(ref["key"], touch=False):
         return _from_ref(uri, ref, offline=False)
     try:
-        resolved = _identify_mutable(target, settings)
+        resolved = _identify_mutable(target, settings, store)
     except Unreachable as e:
         if not ref:
             raise
@@ -230,12 +287,10 @@ def _from_ref(uri: str, ref: dict, offline: bool, note: str | None = None) -> Re
                     offline=offline, note=note, resolved_at=ref["resolved_at"])
 
 
-def _identify_mutable(target: Target, settings: Settings) -> Resolved:
+def _identify_mutable(target: Target, settings: Settings, store: Store) -> Resolved:
     if target.kind in ("model_latest", "model_stage", "model_alias"):
         mv = registry.model_version(target.uri, target.name, stage=target.stage, alias=target.alias)
-        key, identity = _version_identity(mv["name"], mv["version"])
-        return Resolved(target.uri, key, target.kind, identity, name=mv["name"], version=mv["version"],
-                        run_id=mv["run_id"], model_id=mv["model_id"])
+        return _resolved_version(target.uri, target.kind, mv, store)
     return _identify_listing(target, settings)
 
 

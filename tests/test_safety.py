@@ -458,3 +458,45 @@ def test_no_bare_pid_checks():
 def test_lease_ttl_setting_is_validated(cache_dir, tmp_path):
     assert_clean_error(run_cli("warm", _local_model(tmp_path), env={"PREFETCH_LEASE_TTL": "soon"}), 2,
                        "PREFETCH_LEASE_TTL")
+
+
+# -- 6. a registry version is also what it was made from --------------------------------------------------------
+def test_reregistered_model_is_not_served_the_old_version_from_cache(embedded, use_env, cache_dir):
+    import prefetch
+    from mlflow import MlflowClient
+    from prefetch.config import Settings
+    from prefetch.store import Store
+    from prefetch.uri import recheck
+
+    name = "reborn-model"
+    use_env(embedded.env())
+    first = harness.register_seed_versions(embedded.env(), name=name, n_versions=1)
+    old = prefetch.warm(f"models:/{name}/1")
+    assert old.resolved.run_id == first["versions"][0]["run_id"]
+    # A pinned hit makes no registry call: it does not even import mlflow.
+    probe = ("import sys, prefetch; w = prefetch.warm('models:/%s/1'); "
+             "print(w.from_cache, w.key, 'mlflow' in sys.modules)" % name)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ}, check=True).stdout.split()
+    assert out == ["True", old.key, "False"]
+
+    MlflowClient().delete_registered_model(name)
+    second = harness.register_seed_versions(embedded.env(), name=name, n_versions=1)
+    assert second["versions"][0]["version"] == 1 and second["versions"][0]["run_id"] != old.resolved.run_id
+    # Resolving a mutable URI asks the registry: the new v1 is a new key, downloaded, not the old object.
+    new = prefetch.warm(f"models:/{name}/latest", settings=Settings.load(ref_ttl=0))
+    assert new.resolved.version == "1" and new.key != old.key and not new.from_cache
+    assert new.resolved.run_id == second["versions"][0]["run_id"]
+    assert Store(cache_dir).lookup(new.key).identity["run_id"] == second["versions"][0]["run_id"]
+    # ... and the pinned form follows it (the version's ref was updated), still with no registry call.
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ}, check=True).stdout.split()
+    assert out == ["True", new.key, "False"]
+
+    # The daemon's interval re-check of a pinned version (uri.recheck) notices a third registration.
+    MlflowClient().delete_registered_model(name)
+    third = harness.register_seed_versions(embedded.env(), name=name, n_versions=1)
+    key3 = recheck(f"models:/{name}/1", Settings.load(), Store(cache_dir))
+    assert key3 not in (old.key, new.key)
+    w3 = prefetch.warm(f"models:/{name}/1")
+    assert w3.key == key3 and w3.resolved.run_id == third["versions"][0]["run_id"] and not w3.from_cache
