@@ -500,3 +500,32 @@ def test_reregistered_model_is_not_served_the_old_version_from_cache(embedded, u
     assert key3 not in (old.key, new.key)
     w3 = prefetch.warm(f"models:/{name}/1")
     assert w3.key == key3 and w3.resolved.run_id == third["versions"][0]["run_id"] and not w3.from_cache
+
+
+# -- 8. a missing extra is one line naming the pip command -------------------------------------------------------
+def test_missing_convert_extra_is_one_line_naming_pip_install(seed_embedded, use_env, cache_dir):
+    """`import skl2onnx` is made to fail in the CLI's process (sys.modules['skl2onnx'] = None): a stand-in for
+    "the convert extra is not installed", since the shared test environment has it installed."""
+    use_env(seed_embedded["env"])
+    uri = f"models:/{seed_embedded['name']}/1"
+    code = ("import sys; sys.modules['skl2onnx'] = None; sys.argv = ['prefetch', 'warm', %r, '--format', 'onnx']; "
+            "from prefetch.cli import main; main()" % uri)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ))
+    assert_clean_error(proc, 2, "skl2onnx", "pip install 'ray-model-prefetch[convert]'")
+    assert not list((cache_dir / "derived").glob("*/*"))
+    # The same command with the package importable converts (the check is what failed above, nothing else).
+    ok = run_cli("warm", uri, "--format", "onnx", "--json", timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    assert list((cache_dir / "derived").glob("*/onnx-*"))
+
+
+def test_onnxruntime_is_a_core_dependency_and_converters_are_extras():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {d.split(">")[0].split("=")[0].split("<")[0].split("[")[0].strip() for d in project["dependencies"]}
+    assert "onnxruntime" in core and not core & {"onnx", "skl2onnx", "onnxscript", "torch"}
+    extras = project["optional-dependencies"]
+    assert {"onnx", "skl2onnx", "onnxscript"} <= {d.split(">")[0] for d in extras["convert"]}
+    assert any(d.startswith("torch") for d in extras["torch"])
