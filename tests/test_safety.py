@@ -529,3 +529,25 @@ def test_onnxruntime_is_a_core_dependency_and_converters_are_extras():
     extras = project["optional-dependencies"]
     assert {"onnx", "skl2onnx", "onnxscript"} <= {d.split(">")[0] for d in extras["convert"]}
     assert any(d.startswith("torch") for d in extras["torch"])
+
+
+def test_replica_status_shows_uri_version_and_error_without_credentials(seed_embedded, use_env, cache_dir):
+    """RegistryModel.status() is what GET <route>/-/model answers and what a replica publishes: the model URI,
+    version and error text with credentials stripped, and nothing else from user_config."""
+    from serving.deployment import RegistryModel
+
+    use_env(seed_embedded["env"])
+    replica = RegistryModel()
+    replica._apply({"model_uri": f"models:/{seed_embedded['name']}/1", "api_secret": PASSWORD})
+    dead = harness.free_port()
+    bad = f"http://alice:{PASSWORD}@127.0.0.1:{dead}/api/2.0/mlflow-artifacts/artifacts/x?token={TOKEN}"
+    replica._apply({"model_uri": bad, "session_options": {"password": OTHER_PASSWORD}})
+    status = replica.status()
+    text = json.dumps(status)
+    _secret_free(text, PASSWORD, OTHER_PASSWORD, TOKEN)
+    assert status["version"] == "1" and status["error"]["uri"].startswith(f"http://127.0.0.1:{dead}/")
+    assert status["error"]["message"]
+    assert set(status["config"]) == {"model_uri", "format"}
+    answer = replica.answer([1.0], replica.model)
+    _secret_free(json.dumps(answer), PASSWORD, TOKEN)
+    replica.model.release()
