@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import BadSetting
+
 _ENV = {
     "cache_dir": "PREFETCH_CACHE_DIR",
     "max_bytes": "PREFETCH_MAX_BYTES",
@@ -155,5 +157,3 @@ def _checked(field: dataclasses.Field, value, where: str):
         raise BadSetting(f"{where}={value!r} is out of range: expected {rule[0]}")
     return coerced
 
-
-from .errors import BadSetting  # noqa: E402  (errors imports nothing from here; kept last for readability)
