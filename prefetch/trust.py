@@ -64,7 +64,7 @@ def check_dir(path: Path, what: str = "cache dir") -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise UntrustedCacheDir(f"{what} {path} is not a directory")
     uid = os.geteuid()
-    if st.st_uid != uid:
+    if not _owner_ok(st):
         raise UntrustedCacheDir(f"{what} {path} is owned by uid {st.st_uid}, not by this user (uid {uid}); "
                                 "another user could replace what replicas load")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -106,8 +106,17 @@ def check_not_symlink(path: Path, what: str) -> None:
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise UntrustedCacheDir(f"{what} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}"
                                 "; refused (the store never follows symlinks)")
-    if st.st_uid != os.geteuid():
+    if not _owner_ok(st):
         raise UntrustedCacheDir(f"{what} {path} is owned by uid {st.st_uid}, not by this user; refused")
+
+
+def _owner_ok(st: os.stat_result) -> bool:
+    """Ours; or, with PREFETCH_SHARED_GROUP, a cache another user keeps for that group (we only read it: the
+    write bits are checked apart, and a warm that needs to write fails on the node's permissions)."""
+    if st.st_uid == os.geteuid():
+        return True
+    gid = shared_gid()
+    return gid is not None and st.st_gid == gid
 
 
 def symlinks_below(root: Path) -> list[str]:

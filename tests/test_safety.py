@@ -551,3 +551,18 @@ def test_replica_status_shows_uri_version_and_error_without_credentials(seed_emb
     answer = replica.answer([1.0], replica.model)
     _secret_free(json.dumps(answer), PASSWORD, TOKEN)
     replica.model.release()
+
+
+def test_shared_group_reader_may_use_a_cache_another_user_keeps(tmp_path):
+    """With PREFETCH_SHARED_GROUP, a cache owned by another user and that group (not writable by it) is read;
+    without it, the same cache is refused."""
+    uri = _local_model(tmp_path)
+    cache = tmp_path / "kept-by-another"
+    env = {"PREFETCH_CACHE_DIR": str(cache), "PREFETCH_SHARED_GROUP": "0"}
+    assert run_cli("warm", uri, env=env).returncode == 0
+    for p in [cache, *cache.rglob("*")]:
+        os.lchown(p, 65534, 0)
+    listing = run_cli("ls", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert len(json.loads(listing.stdout)["objects"]) == 1
+    assert_clean_error(run_cli("ls", env={"PREFETCH_CACHE_DIR": str(cache)}), 2, "owned by uid 65534")
