@@ -58,7 +58,11 @@ def _secret_free(text: str, *secrets: str) -> None:
 
 
 def _grep_tree(root: Path, *secrets: str) -> None:
+    """No secret in any file of the tree, nor in any file or directory name (a key is a directory name)."""
     for dirpath, _dirs, files in os.walk(root):
+        for name in files + _dirs:
+            for s in secrets:
+                assert s not in name, f"{Path(dirpath) / name}: a secret in a path name"
         for name in files:
             data = (Path(dirpath) / name).read_bytes()
             for s in secrets:
@@ -566,3 +570,44 @@ def test_shared_group_reader_may_use_a_cache_another_user_keeps(tmp_path):
     assert listing.returncode == 0, listing.stderr
     assert len(json.loads(listing.stdout)["objects"]) == 1
     assert_clean_error(run_cli("ls", env={"PREFETCH_CACHE_DIR": str(cache)}), 2, "owned by uid 65534")
+
+
+def test_inflight_record_and_status_rows_hold_no_credentials(proxied_server, cache_dir):
+    """While a download runs, its in-flight record (read by `status`) names the URI without credentials and
+    says who holds it; the node's status rows built from it are clean too."""
+    import time
+
+    from prefetch.agent import inflight_downloads
+    from prefetch.store import Store
+
+    server = proxied_server["server"]
+    art = proxied_server["seed"]["versions"][0]["artifact_location"].split(":", 1)[1].lstrip("/")
+    fast = f"http://127.0.0.1:{server.port}/api/2.0/mlflow-artifacts/artifacts/{art}"
+    size = json.loads(run_cli("resolve", fast, "--json", check=True).stdout)["bytes"]
+    slow = harness.LinkProxy("127.0.0.1", server.port, rate_bytes_per_s=max(4096, size / 2)).start()
+    url = (f"http://alice:{PASSWORD}@127.0.0.1:{slow.port}/api/2.0/mlflow-artifacts/artifacts/{art}"
+           f"?token={TOKEN}")
+    env = {**os.environ, "PREFETCH_MAX_CONCURRENCY": "1", "PREFETCH_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "prefetch.cli", "warm", url, "--json"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        records = []
+        deadline = time.monotonic() + 120
+        while not records and proc.poll() is None and time.monotonic() < deadline:
+            records = list((cache_dir / "staging").glob("*/.inflight.json"))
+            time.sleep(0.05)
+        assert records, "the download finished before its in-flight record could be seen"
+        doc = json.loads(records[0].read_text())
+        _secret_free(json.dumps(doc), PASSWORD, TOKEN)
+        assert {"host", "boot_id", "pid", "pid_start", "ttl"} <= set(doc) and doc["pid"] == proc.pid
+        rows = inflight_downloads(Store(cache_dir))
+        assert rows and rows[0]["alive"] is True
+        _secret_free(json.dumps(rows), PASSWORD, TOKEN)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        slow.stop()
+    assert proc.returncode == 0, err
+    _secret_free(out + err, PASSWORD, TOKEN)
+    _grep_tree(cache_dir, PASSWORD, TOKEN)
