@@ -77,11 +77,6 @@ def quarantine(store, key: str, reason: str) -> Path | None:
                                                    "manifest_head": head}, sort_keys=True))
         except OSError:
             pass                 # the move is what matters; the note is a courtesy
-        from . import metrics
-
-        record = getattr(metrics, "record_quarantine", None)
-        if record:
-            record()
         return dest
     finally:
         lock.release()
