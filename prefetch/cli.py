@@ -178,10 +178,12 @@ def resolve(uri: str, as_json: bool = typer.Option(False, "--json")) -> None:
     doc = r.to_dict()
     if as_json:
         return _emit_json(doc)
+    from rich.markup import escape
+
     c = _console()
     for field in ("uri", "key", "kind", "name", "version", "run_id", "model_id", "storage_uri"):
         if doc.get(field) is not None:
-            c.print(f"{field:>12}: {doc[field]}", highlight=False, soft_wrap=True)
+            c.print(escape(f"{field:>12}: {doc[field]}"), highlight=False, soft_wrap=True)
     if r.files is not None:
         c.print(f"{'files':>12}: {len(r.files)} ({human_bytes(r.bytes)})", highlight=False)
     if r.note:
@@ -201,11 +203,12 @@ def ls_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     held = quarantined(Store(Settings.load().cache_dir))
     if as_json:
         return _emit_json({"objects": rows, "bytes": sum(r["bytes"] for r in rows), "quarantined": held})
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("key", "uri", "version", "size", "last used", "pinned", "leases", box=None)
     for r in rows:
-        table.add_row(r["key"], r["uri"], str(r.get("version") or "-"), human_bytes(r["bytes"]), _ago(r["last_used"]),
+        table.add_row(r["key"], escape(r["uri"] or ""), str(r.get("version") or "-"), human_bytes(r["bytes"]), _ago(r["last_used"]),
                       "yes" if r.get("pinned") else "", str(r.get("leases") or ""))
     _console().print(table)
     _console().print(f"{len(rows)} objects, {human_bytes(sum(r['bytes'] for r in rows))}", highlight=False)

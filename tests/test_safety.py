@@ -611,3 +611,14 @@ def test_inflight_record_and_status_rows_hold_no_credentials(proxied_server, cac
     assert proc.returncode == 0, err
     _secret_free(out + err, PASSWORD, TOKEN)
     _grep_tree(cache_dir, PASSWORD, TOKEN)
+
+
+def test_markup_in_a_uri_is_printed_as_typed(tmp_path, cache_dir):
+    """Human output is text, never rich markup: a path holding `[/x]` warms, resolves and lists."""
+    src = tmp_path / "m[" / "x]"
+    src.mkdir(parents=True)
+    (src / "w.bin").write_bytes(b"w" * 10)
+    for argv in (["warm", str(src)], ["resolve", str(src)], ["ls"]):
+        proc = run_cli(*argv, env={"COLUMNS": "400"})
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "m[/x]" in proc.stderr, proc.stderr
