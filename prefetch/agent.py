@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .config import Settings
 from .errors import PrefetchError, error_fields  # noqa: F401  (error_fields: re-exported)
-from .lifecycle import pid_alive, pin, pins, unpin
+from .lifecycle import pin, pins, unpin
 from .quarantine import quarantined
 from .records import record_alive
 from .uri import recheck
