@@ -214,9 +214,11 @@ def _resolved_version(uri: str, kind: str, mv: dict, store: Store) -> Resolved:
 
 def _identify_version(uri: str, target: Target, store: Store) -> Resolved:
     """models:/<name>/<n>: the version's ref when there is one (no network: a hit stays free), else one registry
-    call. When the registry is down and there is no ref, a cached object of that version still answers."""
+    call. When the registry is down and there is no ref, a cached object of that version still answers.
+    A ref whose object is not cached is not trusted: a miss goes to the registry anyway, and the version may have
+    been registered again since (its bytes must land under the new key, not the ref's)."""
     ref = store.read_ref(_version_ref_id(target.name, target.version))
-    if ref:
+    if ref and store.lookup(ref["key"], touch=False) is not None:
         return _from_ref(uri, ref, offline=False)
     try:
         mv = registry.model_version(uri, target.name, version=target.version)

@@ -622,3 +622,22 @@ def test_markup_in_a_uri_is_printed_as_typed(tmp_path, cache_dir):
         proc = run_cli(*argv, env={"COLUMNS": "400"})
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         assert "m[/x]" in proc.stderr, proc.stderr
+
+
+def test_reregistered_version_evicted_meanwhile_lands_under_its_new_key(embedded, use_env, cache_dir):
+    """The pinned form's ref names the old v1; once that object is gone, a warm asks the registry (a miss needs
+    it anyway) and the new v1's bytes are committed under the new v1's key, never under the old one."""
+    import prefetch
+    from mlflow import MlflowClient
+    from prefetch.store import Store
+
+    name = "reborn-evicted"
+    use_env(embedded.env())
+    harness.register_seed_versions(embedded.env(), name=name, n_versions=1)
+    old = prefetch.warm(f"models:/{name}/1")
+    prefetch.api.remove(old.key)
+    MlflowClient().delete_registered_model(name)
+    second = harness.register_seed_versions(embedded.env(), name=name, n_versions=1)
+    new = prefetch.warm(f"models:/{name}/1")
+    assert new.key != old.key and not new.from_cache
+    assert Store(cache_dir).lookup(new.key).identity["run_id"] == second["versions"][0]["run_id"]
