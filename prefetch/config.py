@@ -92,6 +92,9 @@ class Settings:
             if f.name in values:
                 coerced[f.name] = _checked(f, values[f.name], origin.get(f.name, f.name))
         settings = cls(**coerced)
+        from .records import lease_ttl
+
+        lease_ttl()   # PREFETCH_LEASE_TTL is read where records are written; a bad value fails here, up front
         if settings.low_watermark > settings.high_watermark:
             raise BadSetting(f"low_watermark ({settings.low_watermark:g}) must not exceed high_watermark "
                              f"({settings.high_watermark:g}) (PREFETCH_LOW_WATERMARK / PREFETCH_HIGH_WATERMARK)")
