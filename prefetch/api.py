@@ -19,8 +19,10 @@ from . import metrics
 from .config import Settings, human_bytes
 from .errors import IntegrityError, NoSpace, TransientOrUnreachable
 from .integrity import OriginChanged
+from .redact import redact_obj, redact_uri
+from .store import records
 from .store.staging import data_dir
-from .store import Manifest, Store, allocated_bytes, lifecycle
+from .store import MANIFEST, Manifest, Store, allocated_bytes, lifecycle
 from .store.lifecycle import Lease
 from .transfer import TransferConfig, TransferManager
 from .uri import Resolved, identify, locate, resolve  # noqa: F401  (resolve is re-exported)
@@ -41,11 +43,11 @@ class Warmed:
     source_path: Path | None = None   # the native object, when path is a derived one
 
     def to_dict(self) -> dict:
-        return {"uri": self.resolved.uri, "key": self.key, "path": str(self.path), "bytes": self.bytes,
+        return redact_obj({"uri": self.resolved.uri, "key": self.key, "path": str(self.path), "bytes": self.bytes,
                 "from_cache": self.from_cache, "format": self.format, "seconds": round(self.seconds, 4),
                 "origin_bytes": self.origin_bytes, "name": self.resolved.name, "version": self.resolved.version,
                 "run_id": self.resolved.run_id, "model_id": self.resolved.model_id,
-                "offline": self.resolved.offline, "note": self.resolved.note}
+                "offline": self.resolved.offline, "note": self.resolved.note})
 
 
 def warm(uri: str, format: str = "native", *, settings: Settings | None = None, progress: Progress | None = None,
@@ -128,8 +130,6 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
     """Miss path, with the key's lock held: locate, check space, download into staging, commit.
 
     Returns the manifest, the bytes pulled from the origin, and the files fetched again from scratch."""
-    import socket
-
     staging = store.staging_for(resolved.key)
     restarted: list[str] = []
     fetched = 0
@@ -138,9 +138,10 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
             source, files, resolved = locate(resolved, settings)
             total = sum(f.size for f in files)
             _ensure_space(store, settings, total, staging, resolved)
-            store.paths.inflight(staging).write_text(json.dumps({
-                "uri": resolved.uri, "key": resolved.key, "bytes": total, "pid": os.getpid(),
-                "host": socket.gethostname(), "started_at": time.time()}))
+            inflight = {"uri": redact_uri(resolved.uri), "key": resolved.key, "bytes": total,
+                        "started_at": time.time(), **records.holder_fields()}
+            store.paths.inflight(staging).write_text(json.dumps(inflight))
+            records.keep_alive(store.paths.inflight(staging), inflight["ttl"])   # expires if we die or freeze
             counter = _Counter(total, progress)
             manager = TransferManager(source, TransferConfig.from_settings(settings), [counter])
             try:
@@ -160,6 +161,7 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
             fetched += counter.fetched
             restarted += manager.restarted
             break
+        records.release(store.paths.inflight(staging))
         store.paths.inflight(staging).unlink()
         manifest = Manifest(
             key=resolved.key, uri=resolved.uri, source=resolved.storage_uri or resolved.uri,
@@ -170,6 +172,7 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
         store.discard_staging(staging)
         return manifest, fetched, restarted
     except BaseException as e:
+        records.release(store.paths.inflight(staging))
         # The journal makes any staged byte safe to resume from: keep the staging dir when the origin cut us
         # off or the user pressed ^C; anything else (bad listing, no space, integrity) leaves nothing behind.
         keep = (isinstance(e, (*TransientOrUnreachable, OriginChanged, KeyboardInterrupt))
@@ -232,13 +235,15 @@ def verify(key: str | None = None, *, repair: bool = True, settings: Settings | 
     for k in keys:
         manifest = store.lookup(k, touch=False)
         if manifest is None:
+            if not store.paths.object_dir(k).exists():   # its manifest was unreadable: just quarantined
+                reports.append(VerifyReport(k, "", 0, [MANIFEST], False))
             continue
         bad = store.verify(k)
         repaired = False
         if bad and repair:
             _repair(store, settings, manifest, set(bad))
             repaired = not store.verify(k)
-        reports.append(VerifyReport(k, manifest.uri, len(manifest.files), bad, repaired))
+        reports.append(VerifyReport(k, redact_uri(manifest.uri), len(manifest.files), bad, repaired))
     return reports
 
 
@@ -285,7 +290,8 @@ def list_objects(settings: Settings | None = None) -> list[dict]:
     pins = lifecycle.pinned_keys(store)
     rows = []
     for m in store.manifests():
-        rows.append({"key": m.key, "uri": m.uri, "source": m.source, "name": m.resolved.get("name"),
+        rows.append({"key": m.key, "uri": redact_uri(m.uri), "source": redact_uri(m.source),
+                     "name": m.resolved.get("name"),
                      "version": m.resolved.get("version"), "bytes": m.bytes, "files": len(m.files),
                      "created_at": m.created_at, "last_used": store.last_used(m.key),
                      "path": str(store.paths.object_dir(m.key)), "pinned": m.key in pins,
@@ -380,3 +386,11 @@ def gc(*, dry_run: bool = False, staging_age: float = 3600.0, settings: Settings
     store = Store(settings.cache_dir)
     actions = lifecycle.gc(store, settings, dry_run=dry_run, staging_age=staging_age)
     return GcReport(dry_run, actions, lifecycle.usage(store).total, settings.max_bytes)
+
+
+def quarantined(settings: Settings | None = None) -> list[dict]:
+    """Objects moved aside because their manifest could not be read (key, reason, path, when)."""
+    from .store.quarantine import quarantined as held
+
+    settings = settings or Settings.load()
+    return held(Store(settings.cache_dir))

@@ -42,10 +42,21 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document on
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    from .redact import redact_text
+
+    class _Redacting(Console):
+        """Every line the CLI prints passes here: credentials in a URI never reach the terminal or a log."""
+
+        def print(self, *objects, **kwargs):
+            return super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+    return _Redacting(stderr=True)
 
 
 def _emit_json(doc) -> None:
+    from .redact import redact_obj
+
+    doc = redact_obj(json.loads(json.dumps(doc, default=str)))   # no credentials in --json either
     sys.stdout.write(json.dumps(doc, default=str, indent=None) + "\n")
     sys.stdout.flush()
 
@@ -56,7 +67,7 @@ def _fail(error: BaseException, text: str | None = None) -> "typer.Exit":
         import traceback
 
         traceback.print_exception(error, file=sys.stderr)
-    render.error(_console(), text or one_line(error, limit=1000))
+    render.error(_console(), text or one_line(error, limit=1000, typed=True))
     return typer.Exit(exit_code_for(error))
 
 
@@ -121,12 +132,14 @@ def warm(
     options = {"tolerance": tolerance} if tolerance is not None else {}
     if cluster:
         return _warm_cluster(uris, format, address, options, as_json)
+    from rich.markup import escape
+
     from .api import warm as warm_one
 
     results, first_error = [], None
     for uri in uris:   # one URI failing does not stop the others: each gets its row, the first error its exit
         try:
-            with _Bar(f"warming {uri}", enabled=not as_json) as bar:
+            with _Bar(escape(f"warming {uri}"), enabled=not as_json) as bar:
                 w = warm_one(uri, format=format, progress=bar, convert_options=options)
             results.append({"ok": True, **w.to_dict()})
             if not as_json:
@@ -165,10 +178,13 @@ def ls_cmd(as_json: AsJson = False) -> None:
     """List cached objects: size, last use, pins and leases."""
     from .api import list_objects
 
+    from .api import quarantined
+
     rows = list_objects()
+    held = quarantined()
     if as_json:
-        return _emit_json({"objects": rows, "bytes": sum(r["bytes"] for r in rows)})
-    render.objects_table(rows, _console())
+        return _emit_json({"objects": rows, "bytes": sum(r["bytes"] for r in rows), "quarantined": held})
+    render.objects_table(rows, _console(), held)
 
 
 @app.command()
@@ -176,16 +192,17 @@ def verify(key: Optional[str] = typer.Argument(None, help="A key or unique key p
            repair: bool = typer.Option(True, "--repair/--no-repair", help="Re-fetch damaged files from the origin."),
            as_json: AsJson = False) -> None:
     """Re-hash cached objects against their manifests; report (and repair) corruption."""
+    from .api import quarantined
     from .api import verify as verify_objects
-
     from .errors import IntegrityError
 
     reports = verify_objects(key, repair=repair)
     ok = all(r.ok for r in reports)
+    held = quarantined()
     if as_json:
-        _emit_json({"objects": [r.to_dict() for r in reports], "ok": ok})
+        _emit_json({"objects": [r.to_dict() for r in reports], "ok": ok, "quarantined": held})
     else:
-        render.verify_reports(reports, _console())
+        render.verify_reports(reports, _console(), held)
     if not ok:
         raise typer.Exit(IntegrityError.exit_code)
 
@@ -477,7 +494,12 @@ def main() -> None:
         raise SystemExit(_fail(e).exit_code)
     except OSError as e:
         # The local disk refused us (unwritable cache dir, read-only mount...): one line naming the path.
-        raise SystemExit(_fail(e, f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")).exit_code)
+        from .errors import LocalIOError, NoSpace
+
+        kind = NoSpace if e.errno == errno.ENOSPC else LocalIOError
+        raise SystemExit(_fail(kind(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))).exit_code)
+    except Exception as e:  # noqa: BLE001 - a bug or an input nobody foresaw: still one line (--debug: traceback)
+        raise SystemExit(_fail(e).exit_code)
 
 
 if __name__ == "__main__":

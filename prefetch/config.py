@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import BadSetting
+
 _ENV = {
     "cache_dir": "PREFETCH_CACHE_DIR",
     "max_bytes": "PREFETCH_MAX_BYTES",
@@ -68,15 +70,19 @@ class Settings:
 
     @classmethod
     def load(cls, **overrides) -> "Settings":
+        """Settings from the TOML file, the environment and overrides, every knob validated: a bad value is
+        one BadSetting naming where it came from (the variable, or the file and key), like s3transfer's
+        TransferConfig refusing a bad knob up front instead of failing mid-transfer."""
         values: dict = {}
+        origin: dict = {}     # field -> where its value came from (for the error line)
         toml_path = Path(os.environ.get("PREFETCH_CONFIG", "~/.config/prefetch/config.toml")).expanduser()
         if toml_path.is_file():
-            import tomllib
-
-            values.update(tomllib.loads(toml_path.read_text()))
+            values.update(_read_toml(toml_path, {f.name for f in dataclasses.fields(cls)}))
+            origin.update({k: f"{toml_path}: {k}" for k in values})
         for field, env in _ENV.items():
             if os.environ.get(env):
                 values[field] = os.environ[env]
+                origin[field] = env
         if "ray" in sys.modules:   # never import ray here: a CLI hit must stay fast
             from .cluster.node import in_ray_worker, node_cache_dir
 
@@ -86,7 +92,35 @@ class Settings:
             if label_dir is not None:
                 values["cache_dir"] = label_dir
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**{f.name: _coerce(f, values[f.name]) for f in dataclasses.fields(cls) if f.name in values})
+        origin.update({k: k for k, v in overrides.items() if v is not None})
+        coerced = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                coerced[f.name] = _checked(f, values[f.name], origin.get(f.name, f.name))
+        settings = cls(**coerced)
+        lease_ttl()   # PREFETCH_LEASE_TTL is read where records are written; a bad value fails here, up front
+        if settings.low_watermark > settings.high_watermark:
+            raise BadSetting(f"low_watermark ({settings.low_watermark:g}) must not exceed high_watermark "
+                             f"({settings.high_watermark:g}) (PREFETCH_LOW_WATERMARK / PREFETCH_HIGH_WATERMARK)")
+        return settings
+
+
+DEFAULT_LEASE_TTL = 60.0   # seconds a holder record lives without a heartbeat (prefetch/store/records.py)
+_LEASE_TTL_ENV = "PREFETCH_LEASE_TTL"
+
+
+def lease_ttl() -> float:
+    """PREFETCH_LEASE_TTL in seconds (validated: one BadSetting line naming the variable)."""
+    raw = os.environ.get(_LEASE_TTL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LEASE_TTL
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = float("nan")
+    if not ttl >= 0.5 or ttl == float("inf"):
+        raise BadSetting(f"{_LEASE_TTL_ENV}={raw!r} is not a number of seconds >= 0.5")
+    return ttl
 
 
 def _coerce(field: dataclasses.Field, value):
@@ -97,5 +131,56 @@ def _coerce(field: dataclasses.Field, value):
     if field.name in ("max_bytes", "chunk_bytes", "multipart_threshold"):
         return None if value in (None, "", "0", 0) and field.name == "max_bytes" else parse_bytes(str(value))
     if field.name in ("max_concurrency", "max_attempts"):
+        if isinstance(value, float) or (isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
+            raise ValueError(value)   # "1.5" concurrency is a typo, not 1
         return int(value)
-    return float(value)
+    if isinstance(value, bool):
+        raise ValueError(value)
+    number = float(value)
+    if number != number:   # NaN
+        raise ValueError(value)
+    return number
+
+
+# -- validation ---------------------------------------------------------------------------------------------------
+# field -> (what it must be, check). Fields other modules add without an entry here are coerced, not range-checked.
+_RULES = {
+    "max_bytes": ("a size (e.g. 200GiB, 0 for no cap)", lambda v: v is None or v >= 0),
+    "high_watermark": ("a fraction in (0, 1]", lambda v: 0 < v <= 1),
+    "low_watermark": ("a fraction in (0, 1]", lambda v: 0 < v <= 1),
+    "ref_ttl": ("a number of seconds >= 0", lambda v: v >= 0),
+    "max_concurrency": ("an integer from 1 to 1024", lambda v: 1 <= v <= 1024),
+    "chunk_bytes": ("a size of at least 64KiB (e.g. 8MiB)", lambda v: v >= 64 << 10),
+    "multipart_threshold": ("a size >= 0 (e.g. 16MiB)", lambda v: v >= 0),
+    "max_attempts": ("an integer from 1 to 100", lambda v: 1 <= v <= 100),
+    "connect_timeout": ("a number of seconds > 0", lambda v: v > 0),
+    "read_timeout": ("a number of seconds > 0", lambda v: v > 0),
+}
+
+
+def _read_toml(path: Path, known: set[str]) -> dict:
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise BadSetting(f"config file {path} is not valid TOML ({e}) (PREFETCH_CONFIG)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadSetting(f"config file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BadSetting(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return data
+
+
+def _checked(field: dataclasses.Field, value, where: str):
+    rule = _RULES.get(field.name)
+    try:
+        coerced = _coerce(field, value)
+    except (TypeError, ValueError, OverflowError):
+        what = rule[0] if rule else f"a valid {field.name}"
+        raise BadSetting(f"{where}={value!r} is not {what}") from None
+    if rule and not rule[1](coerced):
+        raise BadSetting(f"{where}={value!r} is out of range: expected {rule[0]}")
+    return coerced
+

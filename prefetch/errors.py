@@ -18,6 +18,11 @@ class PrefetchError(Exception):
             cls.exit_code = exit_code
 
     def __init__(self, message: str, uri: str | None = None):
+        from .redact import redact_text, redact_uri
+
+        # Credentials never reach an error line (the message often names the tracking server or a URI).
+        uri = redact_uri(uri) if isinstance(uri, str) else uri
+        message = redact_text(str(message))
         self.uri = uri
         self.message = message
         super().__init__(f"{uri}: {message}" if uri else message)
@@ -26,6 +31,10 @@ class PrefetchError(Exception):
 # The exit codes of DESIGN.md, one class each.
 class BadURI(PrefetchError, exit_code=2):
     """Malformed URI or bad usage."""
+
+
+class BadSetting(BadURI):
+    """A setting (PREFETCH_* variable, config file, AWS_PROFILE...) has a value that cannot work."""
 
 
 class NotFound(PrefetchError, exit_code=3):
@@ -69,6 +78,9 @@ def one_line(e: BaseException, limit: int = 300, typed: bool = False) -> str:
     if typed and not isinstance(e, PrefetchError):
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     text = text or type(e).__name__
+    from .redact import redact_text
+
+    text = redact_text(text)   # errors that are not ours (a requests exception) may name a URI with userinfo
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 # --- local store: ls, verify, gc, pins, plan -----------------------------------------------------------------
 import time  # noqa: E402  (kept in this section so each section merges on its own)
 
+from rich.markup import escape  # noqa: E402
+
 from .config import human_bytes  # noqa: E402
 
 
@@ -25,18 +27,19 @@ def _line(console, text: str) -> None:
 
 
 def note(console, text: str) -> None:
-    _line(console, f"[yellow]note:[/yellow] {text}")
+    _line(console, f"[yellow]note:[/yellow] {escape(text)}")
 
 
 def error(console, text: str) -> None:
-    _line(console, f"[red]error:[/red] {text}")
+    # The message is text, never markup: a URI like models:/[/x] must print as typed, not crash rich.
+    _line(console, f"[red]error:[/red] {escape(text)}")
 
 
 def warmed(uri: str, w, console) -> None:
     """`prefetch warm` (one URI, this node): hit or fetched, how long, where it landed."""
     state = "hit" if w.from_cache else f"fetched {human_bytes(w.origin_bytes)}"
     who = f" ({w.resolved.name} v{w.resolved.version})" if w.resolved.version else ""
-    _line(console, f"{uri}{who}: {state} in {w.seconds:.2f}s -> {w.path}")
+    _line(console, escape(f"{uri}{who}: {state} in {w.seconds:.2f}s -> {w.path}"))
     if w.resolved.note:
         note(console, w.resolved.note)
 
@@ -46,33 +49,38 @@ def resolved(r, console) -> None:
     doc = r.to_dict()
     for field in ("uri", "key", "kind", "name", "version", "run_id", "model_id", "storage_uri"):
         if doc.get(field) is not None:
-            _line(console, f"{field:>12}: {doc[field]}")
+            _line(console, escape(f"{field:>12}: {doc[field]}"))
     if r.files is not None:
         console.print(f"{'files':>12}: {len(r.files)} ({human_bytes(r.bytes)})", highlight=False)
     if r.note:
         note(console, r.note)
 
 
-def objects_table(rows: list[dict], console) -> None:
-    """`prefetch ls`: one row per cached object, then the totals."""
+def objects_table(rows: list[dict], console, quarantined: list[dict] = ()) -> None:
+    """`prefetch ls`: one row per cached object, then the totals, then what was quarantined."""
     from rich.table import Table
 
     table = Table("key", "uri", "version", "size", "last used", "pinned", "leases", box=None)
     for r in rows:
-        table.add_row(r["key"], r["uri"], str(r.get("version") or "-"), human_bytes(r["bytes"]), ago(r["last_used"]),
-                      "yes" if r.get("pinned") else "", str(r.get("leases") or ""))
+        table.add_row(r["key"], escape(r["uri"] or ""), str(r.get("version") or "-"), human_bytes(r["bytes"]),
+                      ago(r["last_used"]), "yes" if r.get("pinned") else "", str(r.get("leases") or ""))
     console.print(table)
     console.print(f"{len(rows)} objects, {human_bytes(sum(r['bytes'] for r in rows))}", highlight=False)
+    for q in quarantined:
+        _line(console, f"[yellow]quarantined:[/yellow] {escape(str(q['key']))}: {escape(str(q['reason']))} "
+                       f"({escape(str(q['path']))})")
 
 
-def verify_reports(reports, console) -> None:
-    """`prefetch verify`: ok, repaired or CORRUPT per object."""
+def verify_reports(reports, console, quarantined: list[dict] = ()) -> None:
+    """`prefetch verify`: ok, repaired or CORRUPT per object, then what was quarantined."""
     for r in reports:
         if not r.bad:
             console.print(f"ok        {r.key} ({r.files} files)", highlight=False)
         else:
             state = "repaired" if r.repaired else "CORRUPT "
-            _line(console, f"{state}  {r.key}: {', '.join(r.bad)}")
+            _line(console, escape(f"{state}  {r.key}: {', '.join(r.bad)}"))
+    for q in quarantined:
+        _line(console, escape(f"quarantined {q['key']}: {q['reason']}"))
 
 
 def removed(key: str, freed: int, console) -> None:
@@ -199,6 +207,9 @@ def render_status_table(report: dict, console) -> None:
     console.print(table)
     console.print(f"{len(report['nodes'])} nodes, {report['objects']} objects, {_human(report['bytes'])} cached, "
                   f"{report['inflight']} downloads in flight", highlight=False)
+    for r in report["nodes"]:
+        for q in r.get("quarantined") or []:   # objects whose manifest could not be read (store/quarantine.py)
+            _line(console, escape(f"quarantined on {r.get('node_ip') or '-'}: {q.get('key')}: {q.get('reason')}"))
 
 
 def render_daemon_report(report: dict, console) -> None:

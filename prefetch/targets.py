@@ -33,7 +33,9 @@ def key_for(store: Store, settings: Settings, target: str) -> tuple[str, str | N
 def unpin_target(store: Store, settings: Settings, target: str) -> list[str]:
     """Unpin what target names: a key, or a URI (the pins made with that very URI, e.g. an older version that
     models:/m/latest pointed to when it was pinned, and the key it names now). Returns the keys unpinned."""
-    keys = {p["key"] for p in pins(store) if p.get("uri") == target}
+    from .redact import redact_uri
+
+    keys = {p["key"] for p in pins(store) if p.get("uri") in (target, redact_uri(target))}
     try:
         keys.add(key_for(store, settings, target)[0])
     except PrefetchError:

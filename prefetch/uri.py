@@ -18,12 +18,14 @@ from urllib.parse import urlparse
 from . import registry
 from .config import Settings
 from .errors import BadURI, PrefetchError, Unreachable
+from .redact import redact_obj, redact_text, redact_uri
 from .sources.base import FileEntry
 from .store import Store
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 _MODEL_ID = re.compile(r"^m-[A-Za-z0-9]+$")
 _FSSPEC_LOCAL = ("file", "local", "")
+_S3_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")   # botocore's own check, before any call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,10 @@ class Resolved:
     # The opened origin that produced `files` (storage URIs), reused by locate(); never serialized.
     source: object = dataclasses.field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # The identity is stored (manifests, refs) and hashed into the key: never with credentials in it.
+        object.__setattr__(self, "identity", _strip_credentials(self.identity))
+
     @property
     def bytes(self) -> int | None:
         return None if self.files is None else sum(f.size for f in self.files)
@@ -76,7 +82,7 @@ class Resolved:
         if self.files is not None:
             d["files"] = [dataclasses.asdict(f) for f in self.files]
             d["bytes"] = self.bytes
-        return d
+        return redact_obj(d)
 
 
 def parse(uri: str) -> Target:
@@ -84,7 +90,11 @@ def parse(uri: str) -> Target:
     if not isinstance(uri, str) or not uri.strip():
         raise BadURI("empty URI", str(uri))
     uri = uri.strip()
-    parsed = urlparse(uri)
+    try:
+        parsed = urlparse(uri)
+        parsed.netloc and parsed.port   # noqa: B018 - urlparse checks brackets and ports only when asked
+    except ValueError as e:
+        raise BadURI(f"not a valid URI ({e})", uri) from None
     scheme = parsed.scheme.lower()
     if scheme == "models":
         return _parse_models(uri)
@@ -99,10 +109,12 @@ def parse(uri: str) -> Target:
             raise BadURI("expected mlflow-artifacts:/<path>", uri)
         return Target("mlflow_artifacts", uri, path=parsed.path.strip("/"))
     if scheme in ("http", "https") and "/api/2.0/mlflow-artifacts/artifacts/" in uri:
-        return Target("mlflow_artifacts", uri, path=uri.split("/api/2.0/mlflow-artifacts/artifacts/", 1)[1])
+        return Target("mlflow_artifacts", uri, path=parsed.path.split("/api/2.0/mlflow-artifacts/artifacts/", 1)[1])
     if scheme in ("s3", "s3a", "s3n"):
         if not parsed.netloc:
             raise BadURI("expected s3://<bucket>/<prefix>", uri)
+        if not _S3_BUCKET.match(parsed.netloc):
+            raise BadURI(f"'{parsed.netloc}' is not a valid S3 bucket name (letters, digits, '.', '-', '_')", uri)
         return Target("s3", uri, path=parsed.path.strip("/"))
     if scheme in _FSSPEC_LOCAL or (len(scheme) == 1 and uri[1:3] in (":\\", ":/")):
         if scheme == "file" and parsed.netloc not in ("", "localhost"):
@@ -151,18 +163,91 @@ def _parse_models(uri: str) -> Target:
 
 # -- keys ------------------------------------------------------------------------------------------------
 def make_key(slug: str, identity: dict) -> str:
+    # Credentials are not identity: the same model reached with two tokens is one object (redact_uri drops them).
+    identity = _strip_credentials(identity)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", slug).strip("-.")[:64] or "artifact"
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", redact_text(slug)).strip("-.")[:64] or "artifact"
     return f"{clean}--{digest}"
 
 
+def _strip_credentials(obj):
+    if isinstance(obj, str):
+        return redact_uri(obj) if "://" in obj else redact_obj(obj)
+    if isinstance(obj, dict):
+        return {k: _strip_credentials(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strip_credentials(v) for v in obj]
+    return obj
+
+
 def _ref_id(identity: dict) -> str:
+    identity = _strip_credentials(identity)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _version_identity(name: str, version: str) -> tuple[str, dict]:
-    identity = {"kind": "model_version", "registry": registry.registry_uri(), "name": name, "version": str(version)}
-    return make_key(f"{name}-v{version}", identity), identity
+def _version_identity(mv: dict) -> tuple[str, dict]:
+    """A registry version is its name and number *and* what it was made from: a model deleted and registered
+    again under the same name restarts at v1 with another run and storage location, and must not be served the
+    old v1 from cache."""
+    identity = {"kind": "model_version", "registry": redact_uri(registry.registry_uri()), "name": mv["name"],
+                "version": str(mv["version"]), "run_id": mv.get("run_id"), "model_id": mv.get("model_id"),
+                "source": redact_uri(mv.get("source") or "")}
+    return make_key(f"{mv['name']}-v{mv['version']}", identity), identity
+
+
+def _version_ref_id(name: str, version: str) -> str:
+    """The ref that remembers which key `name` v`version` is: what lets a pinned URI hit with no network."""
+    return _ref_id({"version_of": name, "version": str(version), "registry": registry.registry_uri()})
+
+
+def _resolved_version(uri: str, kind: str, mv: dict, store: Store) -> Resolved:
+    key, identity = _version_identity(mv)
+    resolved = Resolved(uri, key, kind, identity, name=mv["name"], version=str(mv["version"]), run_id=mv["run_id"],
+                        model_id=mv["model_id"])
+    # Every answer of the registry updates the version's ref: pinned URIs follow a re-registered version.
+    store.write_ref(_version_ref_id(mv["name"], mv["version"]),
+                    {"uri": f"models:/{mv['name']}/{mv['version']}", "key": key, "kind": "model_version",
+                     "identity": identity, "name": mv["name"], "version": str(mv["version"]),
+                     "run_id": mv["run_id"], "model_id": mv["model_id"], "storage_uri": None,
+                     "resolved_at": resolved.resolved_at})
+    return resolved
+
+
+def _identify_version(uri: str, target: Target, store: Store) -> Resolved:
+    """models:/<name>/<n>: the version's ref when there is one (no network: a hit stays free), else one registry
+    call. When the registry is down and there is no ref, a cached object of that version still answers.
+    A ref whose object is not cached is not trusted: a miss goes to the registry anyway, and the version may have
+    been registered again since (its bytes must land under the new key, not the ref's)."""
+    ref = store.read_ref(_version_ref_id(target.name, target.version))
+    if ref and store.lookup(ref["key"], touch=False) is not None:
+        return _from_ref(uri, ref, offline=False)
+    try:
+        mv = registry.model_version(uri, target.name, version=target.version)
+    except Unreachable as e:
+        registry_id = redact_uri(registry.registry_uri())
+        for m in store.manifests():
+            ident = m.identity
+            if (ident.get("kind"), ident.get("registry"), ident.get("name"), ident.get("version")) == \
+                    ("model_version", registry_id, target.name, target.version):
+                return Resolved(uri, m.key, "model_version", ident, name=target.name, version=target.version,
+                                run_id=ident.get("run_id"), model_id=ident.get("model_id"), offline=True,
+                                note=f"registry unreachable ({e}); using the cached copy of this version")
+        raise
+    return _resolved_version(uri, target.kind, mv, store)
+
+
+def recheck(uri: str, settings: Settings, store: Store) -> str | None:
+    """The daemon's interval re-check of a pinned registry version: ask the registry what the version is made
+    of now and update its ref (a re-registered v1 becomes a new key on the next warm). Returns the key, or None
+    when there is nothing to check or the registry cannot be reached (the cached answer stands)."""
+    try:
+        target = parse(uri)
+        if target.kind != "model_version":
+            return None
+        mv = registry.model_version(uri, target.name, version=target.version)
+        return _resolved_version(uri, target.kind, mv, store).key
+    except (PrefetchError, OSError):
+        return None
 
 
 # -- identify ----------------------------------------------------------------------------------------------
@@ -170,8 +255,7 @@ def identify(uri: str, settings: Settings, store: Store) -> Resolved:
     """The key for uri: no network for pinned registry URIs; one origin call (or a fresh ref) for mutable ones."""
     target = parse(uri)
     if target.kind == "model_version":
-        key, identity = _version_identity(target.name, target.version)
-        return Resolved(uri, key, target.kind, identity, name=target.name, version=target.version)
+        return _identify_version(uri, target, store)
     if target.kind == "logged_model":
         identity = {"kind": "logged_model", "tracking": registry.tracking_uri(), "model_id": target.model_id}
         return Resolved(uri, make_key(target.model_id, identity), target.kind, identity, model_id=target.model_id)
@@ -186,7 +270,7 @@ def identify(uri: str, settings: Settings, store: Store) -> Resolved:
     if ref and time.time() - ref["resolved_at"] < settings.ref_ttl and store.lookup(ref["key"], touch=False):
         return _from_ref(uri, ref, offline=False)
     try:
-        resolved = _identify_mutable(target, settings)
+        resolved = _identify_mutable(target, settings, store)
     except Unreachable as e:
         if not ref:
             raise
@@ -201,17 +285,15 @@ def identify(uri: str, settings: Settings, store: Store) -> Resolved:
 
 
 def _from_ref(uri: str, ref: dict, offline: bool, note: str | None = None) -> Resolved:
-    return Resolved(uri, ref["key"], ref["kind"], ref["identity"], name=ref.get("name"), version=ref.get("version"),
+    return Resolved(uri, ref["key"], ref["kind"], ref.get("identity") or {}, name=ref.get("name"), version=ref.get("version"),
                     run_id=ref.get("run_id"), model_id=ref.get("model_id"), storage_uri=ref.get("storage_uri"),
                     offline=offline, note=note, resolved_at=ref["resolved_at"])
 
 
-def _identify_mutable(target: Target, settings: Settings) -> Resolved:
+def _identify_mutable(target: Target, settings: Settings, store: Store) -> Resolved:
     if target.kind in ("model_latest", "model_stage", "model_alias"):
         mv = registry.model_version(target.uri, target.name, stage=target.stage, alias=target.alias)
-        key, identity = _version_identity(mv["name"], mv["version"])
-        return Resolved(target.uri, key, target.kind, identity, name=mv["name"], version=mv["version"],
-                        run_id=mv["run_id"], model_id=mv["model_id"])
+        return _resolved_version(target.uri, target.kind, mv, store)
     return _identify_listing(target, settings)
 
 
@@ -225,7 +307,7 @@ def _identify_listing(target: Target, settings: Settings) -> Resolved:
     identity = {"kind": target.kind, **source.identity(), "uri": _canonical_storage(target, source),
                 "files": [[f.path, f.size, f.etag] for f in files]}
     tail = target.path.rstrip("/").rsplit("/", 1)[-1] or "root"
-    slug = {"s3": f"s3-{urlparse(storage).netloc}-{tail}", "local": f"local-{tail}",
+    slug = {"s3": f"s3-{urlparse(redact_uri(storage)).netloc}-{tail}", "local": f"local-{tail}",
             "mlflow_artifacts": f"artifacts-{tail}"}.get(target.kind, f"{urlparse(storage).scheme}-{tail}")
     return Resolved(target.uri, make_key(slug, identity), target.kind, identity, storage_uri=storage, files=files,
                     source=source)

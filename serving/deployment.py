@@ -142,14 +142,17 @@ class RegistryModel:
         return warm_local(config["model_uri"], config["format"], config["convert_options"]).key == current.key
 
     def _failed(self, raw_config: Any, error: Exception, seconds: float) -> None:
+        from prefetch.redact import redact_text, redact_uri
+
         uri = raw_config.get("model_uri") if isinstance(raw_config, dict) else None
-        self._error = {"uri": uri, "message": str(error), "type": type(error).__name__, "at": time.time(),
-                       "seconds": round(seconds, 3)}
+        uri = redact_uri(uri) if isinstance(uri, str) else None   # shown in status, answers and logs
+        self._error = {"uri": uri, "message": redact_text(str(error)), "type": type(error).__name__,
+                       "at": time.time(), "seconds": round(seconds, 3)}
         serving = self._model
         if serving is not None:
             logger.error("model swap to %s failed; still serving %s v%s: %s", uri, serving.name, serving.version,
-                         error)
-            self._history.append({"event": "failed", "uri": uri, "error": str(error), "at": time.time()})
+                         self._error["message"])
+            self._history.append({"event": "failed", "uri": uri, "error": self._error["message"], "at": time.time()})
             del self._history[:-_HISTORY]
             self._publish()
             return
@@ -157,7 +160,7 @@ class RegistryModel:
         fallback = replicas.last_good(self._identity)
         if fallback and fallback.get("model_uri") != uri:
             logger.error("model %s failed to load (%s); falling back to the last good model %s",
-                         uri, error, fallback["model_uri"])
+                         uri, self._error["message"], redact_uri(fallback["model_uri"]))
             try:
                 config = parse_config(fallback, self.default_format)
                 self._model = self.load(config)
@@ -184,10 +187,14 @@ class RegistryModel:
         if model is not None:
             out.update(model.info())
             out["model"] = model.name
-        out["config"] = self._config
+        # Nothing else from user_config (it may hold anything): the URI and format only, credentials stripped.
+        config = self._config or {}
+        out["config"] = {"model_uri": config.get("model_uri"), "format": config.get("format")} if config else None
         out["error"] = self._error
         out["history"] = list(self._history)
-        return out
+        from prefetch.redact import redact_obj
+
+        return redact_obj(out)
 
     def model_info(self) -> dict:
         """status(), callable through a DeploymentHandle: `handle.model_info.remote()`."""

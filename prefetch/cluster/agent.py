@@ -30,6 +30,7 @@ from ..config import Settings
 from ..errors import error_fields, one_line
 from ..store.lifecycle import inflight_downloads
 from ..store import Store
+from ..store.quarantine import quarantined
 from . import compat
 from .desired import DesiredSetLoop
 from .node import current_node_id, ray_if_initialized
@@ -193,7 +194,8 @@ class NodeAgent:
         try:
             manifests = store.manifests()
             doc |= {"objects": len(manifests), "bytes": sum(m.bytes for m in manifests),
-                    "used_bytes": store.used_bytes(), "inflight": inflight_downloads(store)}
+                    "used_bytes": store.used_bytes(), "inflight": inflight_downloads(store),
+                    "quarantined": quarantined(store)}
             try:
                 import shutil
 

@@ -22,6 +22,7 @@ from ..config import Settings
 from ..errors import BadURI, PrefetchError
 from ..store.lifecycle import pin, pins, unpin
 from ..store import Store
+from ..uri import recheck
 
 WarmRow = Callable[[str, str, Settings], dict]    # (uri, format, settings) -> a row with ok, key, ...
 
@@ -134,6 +135,8 @@ class DesiredSetLoop:
         store = Store(settings.cache_dir)
         rows = []
         for uri in uris:
+            if not _mutable(uri):
+                recheck(uri, settings, store)   # a re-registered version becomes a new key (prefetch/uri.py)
             row = self._warm_row(uri, format, settings)
             if row["ok"]:
                 _pin(store, row["key"], uri)

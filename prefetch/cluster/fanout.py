@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import Unreachable, one_line
+from ..redact import redact_obj
 from . import compat
 from .agent import NAMESPACE, ActorAgentWrapper, agent_name, get_agent, get_or_create_agent
 from .controller import CONTROLLER_NAME, controller_desired, get_controller, get_or_create_controller
@@ -184,9 +185,11 @@ def cluster_status(address: str | None = None, timeout: float = 30.0) -> dict:
         rows[i] = rows[i] | {"ok": "error" not in doc} | doc | {"is_head": nodes[i].is_head,
                                                                "node_ip": doc.get("node_ip") or nodes[i].node_ip}
     out = [rows[i] for i in sorted(rows)]
-    return {"ok": all(r.get("ok") for r in out), "nodes": out,
-            "objects": sum(r.get("objects") or 0 for r in out), "bytes": sum(r.get("bytes") or 0 for r in out),
-            "inflight": sum(len(r.get("inflight") or []) for r in out), "controller": controller_desired()}
+    # No credentials in what is printed: in-flight URIs, desired sets and errors, as the nodes reported them.
+    return redact_obj({"ok": all(r.get("ok") for r in out), "nodes": out,
+                       "objects": sum(r.get("objects") or 0 for r in out),
+                       "bytes": sum(r.get("bytes") or 0 for r in out),
+                       "inflight": sum(len(r.get("inflight") or []) for r in out), "controller": controller_desired()})
 
 
 # -- `prefetch daemon` ----------------------------------------------------------------------------------------------

@@ -86,6 +86,9 @@ def _converter_for(flavor: str | None, format: str, uri: str) -> Converter:
         convertible = "; ".join(f"{f}: {', '.join(fs)}" for f, fs in SUPPORTED.items())
         raise UnsupportedFormat(f"a '{flavor}' model cannot be converted to {format} (it supports: "
                                 f"{', '.join(supported_formats(flavor))}; convertible flavors: {convertible})", uri)
+    from ..extras import require_conversion
+
+    require_conversion(flavor, format, uri)   # a missing extra: one line naming the pip command (exit 2)
     return conv
 
 

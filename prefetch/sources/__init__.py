@@ -25,7 +25,8 @@ def open_source(storage_uri: str, settings: Settings, tracking_uri: str | None =
         from .mlflow_proxy import MlflowProxySource
 
         return MlflowProxySource(storage_uri, settings, tracking_uri)
-    if scheme in ("", "file") or (len(scheme) == 1 and storage_uri[1:3] == ":\\"):
+    # `local:` is ours, not fsspec's: fsspec's local filesystem follows symlinks out of the root.
+    if scheme in ("", "file", "local") or (len(scheme) == 1 and storage_uri[1:3] == ":\\"):
         from .local import LocalSource
 
         return LocalSource(storage_uri)

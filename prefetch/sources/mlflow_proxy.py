@@ -12,6 +12,7 @@ from urllib.parse import quote, urlparse
 
 from ..config import Settings
 from ..errors import BadURI, NotFound, Unreachable
+from ..redact import redact_uri, same_host, userinfo
 from .base import FileEntry, TransientError, safe_relpath
 
 ROUTE = "/api/2.0/mlflow-artifacts/artifacts"
@@ -22,7 +23,8 @@ def split_artifact_uri(uri: str, tracking_uri: str | None) -> tuple[str, str]:
     or an already expanded `http://host/api/2.0/mlflow-artifacts/artifacts/p`."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        base, _, path = uri.partition(ROUTE)
+        # The path only: a query string (a token pasted with the URL) is not part of the artifact path.
+        base, _, path = uri.split("?", 1)[0].split("#", 1)[0].partition(ROUTE)
         return base.rstrip("/"), path.strip("/")
     if parsed.netloc:
         scheme = urlparse(tracking_uri or "").scheme if tracking_uri else "http"
@@ -40,20 +42,30 @@ class MlflowProxySource:
         from requests.adapters import HTTPAdapter
 
         self.uri = uri
-        self.base, self.root = split_artifact_uri(uri, tracking_uri)
+        base, self.root = split_artifact_uri(uri, tracking_uri)
+        # URLs we build never carry userinfo (they end up in logs and errors); it becomes session auth instead.
+        self.base = redact_uri(base)
         self.timeout = (settings.connect_timeout, settings.read_timeout)
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=settings.max_concurrency + 4, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-            self.session.headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-        elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-            self.session.auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        if tracking_uri and same_host(self.base, tracking_uri):
+            # MLflow's credentials belong to the tracking server: sent only when the artifact URL is that server
+            # (an artifact URI may name any host, and must not collect the token).
+            if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+                self.session.headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+            elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+                self.session.auth = (os.environ["MLFLOW_TRACKING_USERNAME"],
+                                     os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+            elif userinfo(tracking_uri):
+                self.session.auth = userinfo(tracking_uri)
+        elif userinfo(base):
+            self.session.auth = userinfo(base)   # the artifact URI's own userinfo, for its own host
         self._single = False
 
     def identity(self) -> dict:
-        return {"origin": "mlflow-artifacts", "server": self.base}
+        return {"origin": "mlflow-artifacts", "server": self.base}   # base has no userinfo: keys ignore credentials
 
     def _get(self, url: str, **kwargs):
         import requests

@@ -11,7 +11,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from ..config import Settings
-from ..errors import IntegrityError, NotFound, Unreachable
+from ..errors import BadSetting, IntegrityError, NotFound, Unreachable
 from ..integrity import OriginChanged, OriginFacts
 from .base import FileEntry, TransientError, safe_relpath
 
@@ -46,10 +46,18 @@ def s3_client(settings: Settings):
                 s3={"addressing_style": "path"} if endpoint else {},
             )
             verify = None if os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() != "true" else False
-            _clients[cache_key] = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint, config=config, verify=verify,
-                region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-            )
+            from botocore.exceptions import BotoCoreError, ProfileNotFound
+
+            try:
+                _clients[cache_key] = boto3.session.Session().client(
+                    "s3", endpoint_url=endpoint, config=config, verify=verify,
+                    region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+                )
+            except ProfileNotFound:
+                raise BadSetting(f"AWS_PROFILE={os.environ.get('AWS_PROFILE')!r}: no such profile in the AWS "
+                                 "config files (~/.aws/config, ~/.aws/credentials)") from None
+            except (BotoCoreError, ValueError) as e:   # a malformed endpoint URL, region or AWS config
+                raise BadSetting(f"the S3 client cannot be set up: {e}") from None
         return _clients[cache_key]
 
 

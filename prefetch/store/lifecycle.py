@@ -9,9 +9,10 @@ Rules:
 - An object is never evicted while it is pinned, leased by a live holder, or in `protect` (what the caller is
   about to write). Pins and leases may name keys that are not cached yet: pinning or leasing *before* warming
   is how a caller closes the window between "committed" and "protected".
-- A lease counts while its holder lives: same host -> the pid exists, is not a zombie, and started when the
-  lease says (pid reuse); and a registered probe (register_holder_hooks: the cluster layer's Ray actor check)
-  does not know it dead. A lease written on another host cannot be checked and keeps counting (conservative).
+- A lease counts while its holder lives (prefetch/store/records.py): its heartbeat (renewed by the holder) is
+  younger than its TTL wherever it was written; on this host also same boot, the pid exists, is not a zombie, and
+  started when the lease says (pid reuse); and a registered probe (register_holder_hooks: the cluster layer's Ray
+  actor check) does not know it dead.
 - Eviction takes the victim's lock without waiting (a warm or a repair of that key is in progress: skip it),
   moves the object and derived/<key> to trash/, looks at the leases again, and puts everything back if a lease
   appeared meanwhile. A reader therefore either sees its lease honoured or finds the object gone and warms again.
@@ -35,6 +36,7 @@ from typing import Callable, Iterable
 from ..config import Settings
 from ..config import human_bytes as human
 from ..errors import NoSpace
+from . import records
 from .paths import INFLIGHT
 from .store import Store, allocated_bytes
 
@@ -49,30 +51,13 @@ def _hostname() -> str:
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc, or None where /proc is not there."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()   # the command name may hold spaces and parentheses
-    return fields[0], int(fields[19])
+    return records.proc_stat(pid)
 
 
 def pid_alive(pid: int, start: int | None = None) -> bool:
-    """True if pid runs on this host (and, given its recorded start time, is still the same process)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass                                     # exists, owned by someone else
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, started = stat
-    if state in ("Z", "X"):                      # killed, not yet reaped by its parent: it holds nothing
-        return False
-    return start is None or started == start
+    """True if pid runs on this host (and, given its recorded start time, is still the same process).
+    pid <= 0 is never alive (prefetch/store/records.py)."""
+    return records.pid_alive(pid, start)
 
 
 # -- who holds a lease, beyond host and pid: hooks the cluster layer registers -----------------------------------
@@ -111,9 +96,8 @@ def holder_alive(doc: dict) -> bool:
     """Does the process (or, with a probe registered, the actor) that wrote this lease still live?"""
     if _probe is not None and _probe_dead(doc):
         return False
-    if doc.get("host") != _hostname():
-        return True                              # cannot check a pid on another host: keep counting it
-    return pid_alive(int(doc.get("pid", -1)), doc.get("pid_start"))
+    # Heartbeat within its TTL wherever it was written; on this host also boot id, pid and start time.
+    return records.record_alive(doc, doc.get("path"))
 
 
 # -- leases ----------------------------------------------------------------------------------------------------
@@ -133,9 +117,7 @@ class Lease:
     @classmethod
     def acquire(cls, store_root: Path | str | Store, key: str, holder: str | None = None) -> "Lease":
         store = _store(store_root)
-        stat = _proc_stat(os.getpid())
-        doc = {**_holder_identity(), "key": key, "pid": os.getpid(), "host": _hostname(), "holder": holder,
-               "created_at": time.time(), "pid_start": stat[1] if stat else None}
+        doc = {**_holder_identity(), "key": key, "holder": holder, **records.holder_fields()}
         path = store.paths.new_lease(key, _hostname(), os.getpid())
         for attempt in range(5):   # gc may remove an empty lease dir between our mkdir and our write
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +125,7 @@ class Lease:
             try:
                 tmp.write_text(json.dumps(doc, sort_keys=True))
                 os.replace(tmp, path)
+                records.keep_alive(path, doc["ttl"])   # the heartbeat: renewed until release()
                 break
             except FileNotFoundError:
                 if attempt == 4:
@@ -155,6 +138,7 @@ class Lease:
         if self._released:
             return
         self._released = True
+        records.release(self.path)
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -223,7 +207,10 @@ def pin(store: Store | Path | str, key: str, uri: str | None = None) -> bool:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({"key": key, "uri": uri, "pinned_at": time.time()}, sort_keys=True))
+    from ..redact import redact_uri
+
+    tmp.write_text(json.dumps({"key": key, "uri": redact_uri(uri) if uri else uri, "pinned_at": time.time()},
+                              sort_keys=True))
     os.replace(tmp, path)
     return True
 
@@ -261,7 +248,7 @@ def _inflight(store: Store, staging: Path) -> dict | None:
         doc = json.loads(store.paths.inflight(staging).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return doc if pid_alive(int(doc.get("pid", -1))) else None
+    return doc if records.record_alive(doc, store.paths.inflight(staging)) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +304,7 @@ def inflight_downloads(store: Store) -> list[dict]:
         started = doc.get("started_at")
         rows.append({"uri": doc.get("uri"), "key": doc.get("key"), "bytes": total, "done": done,
                      "progress": round(min(1.0, done / total), 4) if total else None,
-                     "pid": pid, "alive": pid_alive(pid), "started_at": started,
+                     "pid": pid, "alive": records.record_alive(doc, store.paths.inflight(d)), "started_at": started,
                      "seconds": round(now - started, 1) if started else None, "staging": d.name})
     return rows
 

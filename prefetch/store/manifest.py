@@ -35,7 +35,9 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def to_json(self) -> str:
-        d = dataclasses.asdict(self)
+        from ..redact import redact_obj
+
+        d = redact_obj(dataclasses.asdict(self))   # no credentials at rest (DESIGN.md: manifest)
         d["files"] = [{k: v for k, v in dataclasses.asdict(f).items() if v is not None} for f in self.files]
         return json.dumps(d, indent=1, sort_keys=True)
 

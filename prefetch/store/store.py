@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable
@@ -18,6 +19,8 @@ from typing import Callable, Iterable
 from ..errors import IntegrityError, NotFound
 from .manifest import Manifest, sha256_file
 from .paths import StorePaths, manifest_in
+
+REF_CLOCK_SKEW = 60.0   # seconds a ref may be dated ahead of this clock before it is ignored
 
 
 # -- how many bytes a tree holds: two meanings, one helper each ---------------------------------------------------
@@ -76,9 +79,14 @@ def _publish(staging: Path, dest: Path, manifest_text: str, files: Iterable[str]
              theirs_stands: Callable[[OSError], bool]) -> Path:
     """Write the manifest, make the files read-only, fsync, rename staging -> dest, fsync dest's parent.
     A rename refused because someone committed dest first is fine when theirs_stands(error) says so."""
+    from .trust import dir_mode, file_mode
+
     manifest_in(staging).write_text(manifest_text)
     for rel in files:
-        os.chmod(staging / rel, 0o444)
+        os.chmod(staging / rel, file_mode())              # read-only, no world bits (trust.py)
+    os.chmod(manifest_in(staging), file_mode() | 0o200)   # lookup() touches it (LRU): owner-writable
+    for dirpath, _dirs, _files in os.walk(staging):       # whatever the umask was when they were made
+        os.chmod(dirpath, dir_mode())
     fsync_tree(staging)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -96,14 +104,25 @@ class Store:
     def __init__(self, root: Path | str):
         self.paths = StorePaths(Path(root).expanduser())
         self.root = self.paths.root
+        from . import trust
+
+        trust.prepare(self.root)   # refuse a cache dir others could write into (exit 2), before any read
 
     # -- reading -----------------------------------------------------------------------------------
     def lookup(self, key: str, touch: bool = True) -> Manifest | None:
         """The committed object's manifest, or None. A hit marks the object as used (for LRU)."""
+        from .quarantine import ManifestError, parse_manifest, quarantine
+        from .trust import check_not_symlink
+
+        check_not_symlink(self.paths.object_dir(key), "cached object")   # never serve through a planted link
         path = self.paths.manifest(key)
         try:
-            manifest = Manifest.from_json(path.read_text())
-        except FileNotFoundError:
+            manifest = parse_manifest(path.read_bytes().decode("utf-8", "replace"), Manifest)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except ManifestError as e:
+            # One broken manifest must not break the node: move the object aside; the key is a miss again.
+            quarantine(self, key, str(e))
             return None
         if touch:
             self.touch(key)
@@ -162,7 +181,12 @@ class Store:
         journal vouches for resumes (prefetch/store/journal.py); extra leftovers are removed."""
         root = self.paths.staging_root()
         root.mkdir(parents=True, exist_ok=True)
-        leftovers = sorted(root.glob(self.paths.staging_glob(key)), key=lambda p: p.stat().st_mtime, reverse=True)
+        from .trust import check_not_symlink
+
+        leftovers = list(root.glob(self.paths.staging_glob(key)))
+        for p in leftovers:
+            check_not_symlink(p, "staging dir")   # a planted staging/<key>.x symlink is refused, never written into
+        leftovers.sort(key=lambda p: p.lstat().st_mtime, reverse=True)
         for extra in leftovers[1:]:
             shutil.rmtree(extra, ignore_errors=True)
         if leftovers:
@@ -188,6 +212,13 @@ class Store:
         """Verify sizes (and sha256 when the manifest has them), fsync, write the manifest, rename into objects/.
 
         Call with the key's lock held. The staging dir is gone afterwards whatever happens."""
+        from .trust import check_not_symlink, symlinks_below
+
+        check_not_symlink(staging, "staging dir")
+        links = symlinks_below(staging)
+        if links:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise IntegrityError(f"staging holds a symlink ({links[0]}); refused, nothing committed", manifest.uri)
         try:
             for f in manifest.files:
                 p = staging / f.path
@@ -252,16 +283,26 @@ class Store:
 
     # -- refs: last known resolution of a mutable URI ------------------------------------------------
     def read_ref(self, ref_id: str) -> dict | None:
+        """The last resolution of a mutable URI, or None when there is none that can be trusted: a ref that is
+        torn, lacks its key or time, or is dated in the future (a wrong clock, or planted to never expire)."""
         try:
-            return json.loads(self.paths.ref(ref_id).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            ref = json.loads(self.paths.ref(ref_id).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        if not isinstance(ref, dict) or not isinstance(ref.get("key"), str) or not ref.get("kind"):
+            return None
+        at = ref.get("resolved_at")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or at > time.time() + REF_CLOCK_SKEW:
+            return None
+        return ref
 
     def write_ref(self, ref_id: str, data: dict) -> None:
         path = self.paths.ref(ref_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True))
+        from ..redact import redact_obj
+
+        tmp.write_text(json.dumps(redact_obj(data), sort_keys=True))   # no credentials at rest
         os.replace(tmp, path)
 
     # -- verification --------------------------------------------------------------------------------
