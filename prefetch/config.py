@@ -23,7 +23,17 @@ _ENV = {
     "read_timeout": "PREFETCH_READ_TIMEOUT",
     "high_watermark": "PREFETCH_HIGH_WATERMARK",
     "low_watermark": "PREFETCH_LOW_WATERMARK",
+    "transport": "PREFETCH_TRANSPORT",
 }
+TRANSPORTS = ("native", "boto3")
+
+
+def default_transport() -> str:
+    """S3 bytes through obstore (Rust, outside the interpreter) when it is installed, else through boto3.
+    find_spec looks without importing: reading settings stays cheap."""
+    import importlib.util
+
+    return "native" if importlib.util.find_spec("obstore") is not None else "boto3"
 
 
 def parse_bytes(text: str) -> int:
@@ -59,6 +69,7 @@ class Settings:
     max_attempts: int = 5                 # per request, with exponential backoff
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    transport: str = dataclasses.field(default_factory=default_transport)   # S3 client: "native" | "boto3"
 
     @classmethod
     def load(cls, **overrides) -> "Settings":
@@ -88,6 +99,12 @@ def _coerce(field: dataclasses.Field, value):
         return Path(value).expanduser().resolve()
     if field.name in ("max_bytes", "chunk_bytes", "multipart_threshold"):
         return None if value in (None, "", "0", 0) and field.name == "max_bytes" else parse_bytes(str(value))
+    if field.name == "transport":
+        if str(value).strip().lower() not in TRANSPORTS:
+            from .errors import BadURI
+
+            raise BadURI(f"PREFETCH_TRANSPORT must be one of {', '.join(TRANSPORTS)}, not {value!r}")
+        return str(value).strip().lower()
     if field.name in ("max_concurrency", "max_attempts"):
         return int(value)
     return float(value)
