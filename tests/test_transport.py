@@ -2,8 +2,8 @@
 
 Ranges give the exact bytes uploaded, If-Match with a stale ETag is the distinct OriginChanged error, refused
 credentials and missing keys exit as with boto3 (4, 3), 503 bursts and resets are retried, the endpoint is the one
-MLflow users set, and a whole `prefetch warm` gives the same manifest as PREFETCH_TRANSPORT=boto3 (S3 and the
-proxied `mlflow-artifacts:/` mode). Speed is scripts/bench_fetch.py's business, not these tests'.
+MLflow users set, and a whole `prefetch warm` gives the same manifest as PREFETCH_TRANSPORT=boto3 (S3, and the
+proxied `mlflow-artifacts:/` mode, whose server ignores Range: each file is then sent once, not once per range). Speed is scripts/bench_fetch.py's business, not these tests'.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from prefetch.config import Settings
 from prefetch.errors import NotFound, OriginChanged, Unreachable
 from prefetch.sources import open_source
 from prefetch.sources import s3_native
-from prefetch.sources.mlflow_proxy_native import NativeMlflowProxySource
+from prefetch.sources.mlflow_proxy import MlflowProxySource
 from prefetch.sources.s3 import S3Source
 from prefetch.sources.s3_native import NativeS3Source
 from prefetch.store import Store
@@ -176,24 +176,34 @@ def test_warm_native_gives_the_same_manifest_as_boto3(mlflow_direct, use_env, tm
         assert [v for k, v in out["native"].items() if k.endswith(name)] == [(size, want)]
 
 
-def test_proxied_mlflow_artifacts_through_the_native_reader(mlflow_proxied, use_env, tmp_path):
-    use_env(mlflow_proxied.env())
+def test_proxied_mlflow_artifacts_are_sent_once(mlflow_proxied, use_env, tmp_path, monkeypatch):
+    """`mlflow server` ignores Range on artifact GETs: the proxied source notices (one 1-byte probe) and reads each
+    file whole, instead of having the server send a big file once per range. Same manifest for both transports."""
     rec = harness.register_large_model(mlflow_proxied.env(), "transport-proxied",
                                        large_files=[("weights.bin", 20 * MiB + 1)], n_small=20, small_size=2048,
                                        workdir=tmp_path)
-    uri = f"models:/transport-proxied/{rec['version']}"
-    out = {}
-    for transport in ("boto3", "native"):
-        settings = Settings.load(cache_dir=tmp_path / f"cache-{transport}", transport=transport)
-        w = prefetch.warm(uri, settings=settings)
-        out[transport] = _manifest_hashes(settings.cache_dir, w.key)
-    assert out["native"] == out["boto3"] and len(out["native"]) >= 21
-    # Ranges through the native reader are the server's bytes.
-    src = open_source(rec["artifact_location"], Settings.load(transport="native"), mlflow_proxied.tracking_uri)
-    assert isinstance(src, NativeMlflowProxySource)
-    big = next(f for f in src.list() if f.path.endswith("weights.bin"))
+    port = int(mlflow_proxied.tracking_uri.rsplit(":", 1)[1])
+    link = harness.LinkProxy("127.0.0.1", port).start()
+    try:
+        use_env({**mlflow_proxied.env(), "MLFLOW_TRACKING_URI": link.url, "PREFETCH_CHUNK_BYTES": str(8 * MiB),
+                 "PREFETCH_MULTIPART_THRESHOLD": str(16 * MiB)})
+        uri = f"models:/transport-proxied/{rec['version']}"
+        sent, out = {}, {}
+        for run, transport in (("probed-boto3", "boto3"), ("probed-native", "native"), ("ranged", "native")):
+            if run == "ranged":   # the way without the probe: trust Range, as before
+                monkeypatch.setattr(MlflowProxySource, "_server_honours_ranges", lambda self, entries: True)
+            settings = Settings.load(cache_dir=tmp_path / f"cache-{run}", transport=transport)
+            link.reset()
+            w = prefetch.warm(uri, settings=settings)
+            sent[run] = link.stats()["bytes_out"]
+            out[run] = _manifest_hashes(settings.cache_dir, w.key)
+    finally:
+        link.stop()
+    assert out["probed-native"] == out["probed-boto3"] == out["ranged"] and len(out["ranged"]) >= 21
     expected = tmp_path / "expected.bin"
-    harness.write_random_file(expected, big.size, seed=0)
-    data = expected.read_bytes()
-    assert bytes(src.read_range(big.path, 3, MiB + 9)) == data[3:MiB + 9]
-    assert b"".join(bytes(b) for b in src.read(big.path, big.size - 100, big.size)) == data[-100:]
+    harness.write_random_file(expected, 20 * MiB + 1, seed=0)
+    want = hashlib.sha256(expected.read_bytes()).hexdigest()
+    assert [v for k, v in out["ranged"].items() if k.endswith("weights.bin")] == [(20 * MiB + 1, want)]
+    total = rec["total_bytes"]
+    assert sent["probed-native"] < 1.2 * total, (sent, total)
+    assert sent["ranged"] > 1.8 * total, (sent, total)

@@ -47,10 +47,8 @@ def open_source(storage_uri: str, settings: Settings, tracking_uri: str | None =
     if scheme in ("mlflow-artifacts", "http", "https") and (
         scheme == "mlflow-artifacts" or "/api/2.0/mlflow-artifacts/artifacts" in storage_uri
     ):
-        if settings.transport == "native":
-            from .mlflow_proxy_native import NativeMlflowProxySource
-
-            return NativeMlflowProxySource(storage_uri, settings, tracking_uri)
+        # Through requests whatever PREFETCH_TRANSPORT says: `mlflow server` answers artifact GETs chunked, without
+        # Content-Length, and ignores Range, and obstore's HTTP client refuses both (NOTES-i-native.md).
         from .mlflow_proxy import MlflowProxySource
 
         return MlflowProxySource(storage_uri, settings, tracking_uri)
