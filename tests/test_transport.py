@@ -8,14 +8,13 @@ proxied `mlflow-artifacts:/` mode, whose server ignores Range: each file is then
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import pytest
 
 import prefetch
 from prefetch.config import Settings
-from prefetch.errors import NotFound, OriginChanged, Unreachable
+from prefetch.errors import NotFound, OriginChanged
 from prefetch.sources import open_source
 from prefetch.sources import s3_native
 from prefetch.sources.mlflow_proxy import MlflowProxySource
@@ -44,7 +43,7 @@ def blob(s3, tmp_path):
     return path.read_bytes()
 
 
-def test_ranges_are_the_exact_bytes_uploaded(s3, use_env, blob):
+def test_ranges_are_the_exact_bytes_uploaded(s3, use_env, blob, tmp_path):
     use_env(s3.env())
     src = open_source("s3://models/transport", Settings.load(transport="native"))
     assert isinstance(src, NativeS3Source)
@@ -59,13 +58,13 @@ def test_ranges_are_the_exact_bytes_uploaded(s3, use_env, blob):
     assert b"".join(bytes(b) for b in src.read("w.bin", 3 * MiB)) == blob[3 * MiB:]     # open-ended
     assert b"".join(bytes(b) for b in src.read("sub/conf.json")) == b'{"a": 1}'
     # The engine pwrites the client's buffer as it is (buffer protocol, no bytes() copy).
-    fd = os.open(src_path := str(s3.workdir / "pwrite.bin"), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    target = tmp_path / "pwrite.bin"
+    fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
     try:
         assert os.pwrite(fd, src.read_range("w.bin", 0, 2 * MiB), 0) == 2 * MiB
     finally:
         os.close(fd)
-    with open(src_path, "rb") as f:
-        assert f.read() == blob[: 2 * MiB]
+    assert target.read_bytes() == blob[: 2 * MiB]
 
 
 def test_if_match_with_a_stale_etag_is_origin_changed(s3, use_env, blob):
