@@ -131,10 +131,12 @@ _MISSING = {"NoSuchBucket", "NoSuchKey", "NotFound"}
 _BUSY = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
 
 
-def translate(error: Exception, uri: str, what: str) -> Exception:
+def translate(error: Exception, uri: str, what: str, reading: bool = False) -> Exception:
     """obstore exceptions -> our errors, the same kinds and exit codes as s3.py's translate():
     412 -> OriginChanged; missing bucket/key -> NotFound (3); refused credentials -> Unreachable (4);
-    5xx, timeouts, resets, bodies cut short -> TransientError (retried); no connection at all -> Unreachable.
+    5xx, timeouts, resets, bodies cut short -> TransientError (retried); no connection at all -> Unreachable
+    when listing (nothing was reached: fail fast, as boto3's EndpointConnectionError), but TransientError when
+    reading (the listing reached it a moment ago: a refused or timed-out connect under load is retried).
     obstore carries the HTTP status and S3's error code only in its message, so they are read from there."""
     from obstore.exceptions import (BaseError, GenericError, PermissionDeniedError, PreconditionError,
                                     UnauthenticatedError)
@@ -156,7 +158,7 @@ def translate(error: Exception, uri: str, what: str) -> Exception:
         return TransientError(f"S3 answered {code or status} ({what})", uri)
     if status:
         return Unreachable(f"S3 error {code or status} ({what})", uri)
-    if "kind: Connect" in text and "timed out" not in text.lower():
+    if "kind: Connect" in text and not reading:
         return Unreachable(f"cannot reach S3 at {endpoint_url() or 'AWS'} ({what})", uri)
     if isinstance(error, (GenericError, ConnectionError, TimeoutError)):
         # A reset, a timeout or a body cut short mid-stream: the engine retries from the byte it reached.
@@ -240,7 +242,7 @@ class NativeS3Source:
         try:
             return self._get(key, start, end, if_match or listed).bytes()
         except Exception as e:  # noqa: BLE001
-            raise translate(e, self.uri, f"GET {key}") from None
+            raise translate(e, self.uri, f"GET {key}", reading=True) from None
 
     def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Bytes [start, end) in blocks as they arrive, from the version listed (If-Match)."""
@@ -251,4 +253,4 @@ class NativeS3Source:
             for block in self._get(key, start, end, etag).stream(min_chunk_size=STREAM_BLOCK):
                 yield block
         except Exception as e:  # noqa: BLE001
-            raise translate(e, self.uri, f"GET {key}") from None
+            raise translate(e, self.uri, f"GET {key}", reading=True) from None
