@@ -28,7 +28,15 @@ _ENV = {
     "min_rate": "PREFETCH_MIN_RATE",
     "min_rate_window": "PREFETCH_MIN_RATE_WINDOW",
     "lock_timeout": "PREFETCH_LOCK_TIMEOUT",
+    "transport": "PREFETCH_TRANSPORT",
 }
+TRANSPORTS = ("native", "boto3")
+
+
+def default_transport() -> str:
+    """boto3 until the transfer engine reads native buffers with every origin check (issue I): the native
+    transport (obstore, outside the interpreter) is opt-in with PREFETCH_TRANSPORT=native."""
+    return "boto3"
 
 
 def parse_bytes(text: str) -> int:
@@ -67,6 +75,7 @@ class Settings:
     min_rate: int = 64 << 10              # bytes/s a connection must average over min_rate_window, or be retried
     min_rate_window: float = 30.0
     lock_timeout: float = 3600.0          # a waiter for another process's download of the same key gives up (exit 4)
+    transport: str = dataclasses.field(default_factory=default_transport)   # S3 client: "native" | "boto3"
 
     @classmethod
     def load(cls, **overrides) -> "Settings":
@@ -130,6 +139,12 @@ def _coerce(field: dataclasses.Field, value):
         return parse_bytes(str(value))
     if field.name in ("max_bytes", "chunk_bytes", "multipart_threshold"):
         return None if value in (None, "", "0", 0) and field.name == "max_bytes" else parse_bytes(str(value))
+    if field.name == "transport":
+        if str(value).strip().lower() not in TRANSPORTS:
+            from .errors import BadURI
+
+            raise BadURI(f"PREFETCH_TRANSPORT must be one of {', '.join(TRANSPORTS)}, not {value!r}")
+        return str(value).strip().lower()
     if field.name in ("max_concurrency", "max_attempts"):
         if isinstance(value, float) or (isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
             raise ValueError(value)   # "1.5" concurrency is a typo, not 1

@@ -54,6 +54,15 @@ class NoSpace(PrefetchError, exit_code=6):
 
 
 # Kinds of failure that share a code with one above (and are caught apart from it).
+class OriginChanged(PrefetchError, exit_code=4):
+    """The origin's object changed while we read it (HTTP 412 on an If-Match GET): the transfer restarts that
+    file; it reaches the user (exit 4) only when the object keeps changing."""
+
+    def __init__(self, message: str, uri: str | None = None, path: str | None = None):
+        super().__init__(message, uri)
+        self.path = path
+
+
 class LocalIOError(PrefetchError):
     """The node's own disk refused us (unwritable cache dir, read-only mount...): the generic exit 1."""
 

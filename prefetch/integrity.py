@@ -21,22 +21,11 @@ import hashlib
 import re
 import zlib
 
-from .errors import PrefetchError
+from .errors import OriginChanged, PrefetchError  # noqa: F401  (OriginChanged: the engine catches it here)
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
 CHECKS = ("sha256", "md5", "crc32c", "crc32", "none")
-
-
-class OriginChanged(PrefetchError):
-    """The origin's object changed while we read it (HTTP 412 on If-Match, or a different ETag mid-file).
-    The transfer restarts the file; it reaches the user only when the object keeps changing (exit 4)."""
-
-    exit_code = 4
-
-    def __init__(self, message: str, uri: str | None = None, path: str | None = None):
-        super().__init__(message, uri)
-        self.path = path
 
 
 @dataclasses.dataclass(frozen=True)

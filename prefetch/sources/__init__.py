@@ -16,12 +16,18 @@ def open_source(storage_uri: str, settings: Settings, tracking_uri: str | None =
 
     scheme = urlparse(storage_uri).scheme
     if scheme in ("s3", "s3a", "s3n"):
+        if settings.transport == "native":
+            from .s3_native import NativeS3Source
+
+            return NativeS3Source(storage_uri, settings)
         from .s3 import S3Source
 
         return S3Source(storage_uri, settings)
     if scheme in ("mlflow-artifacts", "http", "https") and (
         scheme == "mlflow-artifacts" or "/api/2.0/mlflow-artifacts/artifacts" in storage_uri
     ):
+        # Through requests whatever PREFETCH_TRANSPORT says: `mlflow server` answers artifact GETs chunked, without
+        # Content-Length, and ignores Range, and obstore's HTTP client refuses both (NOTES-i-native.md).
         from .mlflow_proxy import MlflowProxySource
 
         return MlflowProxySource(storage_uri, settings, tracking_uri)

@@ -103,7 +103,19 @@ class MlflowProxySource:
         if not entries:
             # Either an empty/missing dir or the root names a single file: the server lists a file as itself.
             raise NotFound("no artifacts under this path on the tracking server", self.uri)
+        self.supports_ranges = self._server_honours_ranges(entries)
         return sorted(entries, key=lambda e: e.path)
+
+    def _server_honours_ranges(self, entries: list[FileEntry]) -> bool:
+        """A 1-byte ranged GET of the smallest file. `mlflow server` 3.x answers a Range with the whole body (200):
+        fetching a big file in N ranges would then send it N times over, so such a server gets whole-file reads."""
+        probe = min((e for e in entries if e.size > 1), key=lambda e: e.size, default=None)
+        if probe is None:
+            return False
+        url = f"{self.base}{ROUTE}/{quote(posixpath.join(self.root, probe.path))}"
+        resp = self._get(url, headers={"Range": "bytes=0-0"}, stream=True)
+        resp.close()
+        return resp.status_code == 206
 
     def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         url = f"{self.base}{ROUTE}/{quote(posixpath.join(self.root, path))}"

@@ -1,0 +1,208 @@
+"""Issue I: the native transport (obstore) against the real SeaweedFS and MLflow servers of the harness.
+
+Ranges give the exact bytes uploaded, If-Match with a stale ETag is the distinct OriginChanged error, refused
+credentials and missing keys exit as with boto3 (4, 3), 503 bursts and resets are retried, the endpoint is the one
+MLflow users set, and a whole `prefetch warm` gives the same manifest as PREFETCH_TRANSPORT=boto3 (S3, and the
+proxied `mlflow-artifacts:/` mode, whose server ignores Range: each file is then sent once, not once per range). Speed is scripts/bench_fetch.py's business, not these tests'.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+import prefetch
+from prefetch.config import Settings
+from prefetch.errors import NotFound, OriginChanged
+from prefetch.sources import open_source
+from prefetch.sources import s3_native
+from prefetch.sources.mlflow_proxy import MlflowProxySource
+from prefetch.sources.s3 import S3Source
+from prefetch.sources.s3_native import NativeS3Source
+from prefetch.store import Store
+from tests import harness
+from tests.helpers import assert_clean_error, run_cli
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fresh_pool(monkeypatch):
+    """A new obstore client (and connection pool) for this test: faults are injected on new connections."""
+    monkeypatch.setattr(s3_native, "_stores", {})
+
+
+@pytest.fixture
+def blob(s3, tmp_path):
+    """A 5 MiB + 3 bytes random object (and a small one) under s3://models/transport/, and its bytes."""
+    path = tmp_path / "w.bin"
+    harness.write_random_file(path, 5 * MiB + 3, seed=11)
+    s3.client().upload_file(str(path), "models", "transport/w.bin")
+    s3.client().put_object(Bucket="models", Key="transport/sub/conf.json", Body=b'{"a": 1}')
+    return path.read_bytes()
+
+
+def test_ranges_are_the_exact_bytes_uploaded(s3, use_env, blob, tmp_path):
+    use_env(s3.env())
+    src = open_source("s3://models/transport", Settings.load(transport="native"))
+    assert isinstance(src, NativeS3Source)
+    listed = src.list()
+    # The same listing (paths, sizes, ETags) as the boto3 transport.
+    assert listed == S3Source("s3://models/transport", Settings.load(transport="boto3")).list()
+    assert [(f.path, f.size) for f in listed] == [("sub/conf.json", 8), ("w.bin", len(blob))]
+    for start, end in [(0, len(blob)), (0, 1), (1, 4 * MiB + 7), (len(blob) - 1, len(blob)), (MiB, 2 * MiB)]:
+        got = src.read_range("w.bin", start, end)
+        assert bytes(memoryview(got)) == blob[start:end], (start, end)
+        assert b"".join(bytes(b) for b in src.read("w.bin", start, end)) == blob[start:end], (start, end)
+    assert b"".join(bytes(b) for b in src.read("w.bin", 3 * MiB)) == blob[3 * MiB:]     # open-ended
+    assert b"".join(bytes(b) for b in src.read("sub/conf.json")) == b'{"a": 1}'
+    # The engine pwrites the client's buffer as it is (buffer protocol, no bytes() copy).
+    target = tmp_path / "pwrite.bin"
+    fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+    try:
+        assert os.pwrite(fd, src.read_range("w.bin", 0, 2 * MiB), 0) == 2 * MiB
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == blob[: 2 * MiB]
+
+
+def test_if_match_with_a_stale_etag_is_origin_changed(s3, use_env, blob):
+    use_env(s3.env())
+    src = NativeS3Source("s3://models/transport", Settings.load(transport="native"))
+    etag = {f.path: f.etag for f in src.list()}["w.bin"]
+    assert bytes(src.read_range("w.bin", 0, 10, if_match=etag)) == blob[:10]    # the current ETag passes
+    with pytest.raises(OriginChanged) as stale:
+        src.read_range("w.bin", 0, 10, if_match="0" * 32)
+    assert stale.value.exit_code == 4 and "changed" in str(stale.value)
+    # A change after the listing: every read is pinned to the listed ETag, so the new bytes are never mixed in.
+    s3.client().put_object(Bucket="models", Key="transport/w.bin", Body=b"other bytes")
+    with pytest.raises(OriginChanged):
+        list(src.read("w.bin", 0, 10))
+    with pytest.raises(OriginChanged):
+        src.read_range("w.bin", 0, 10)
+    assert bytes(NativeS3Source("s3://models/transport", Settings()).read_range("w.bin", 0, 11, if_match="")) \
+        == b"other bytes"
+
+
+def test_refused_credentials_and_missing_keys_exit_as_with_boto3(s3, use_env, blob):
+    use_env(s3.env())
+    uri = "s3://models/transport"
+    for transport in ("native", "boto3"):
+        env = {"PREFETCH_TRANSPORT": transport}
+        wrong = run_cli("warm", uri, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"})
+        assert_clean_error(wrong, 4, uri, "refused the credentials", "SignatureDoesNotMatch")
+        assert_clean_error(run_cli("warm", uri, env={**env, "AWS_ACCESS_KEY_ID": "nobody"}), 4, uri,
+                           "InvalidAccessKeyId")
+        assert_clean_error(run_cli("warm", "s3://models/transport/no/such/key", env=env), 3,
+                           "s3://models/transport/no/such/key", "no such S3 object")
+        assert_clean_error(run_cli("warm", "s3://no-such-bucket-x/m", env=env), 3, "bucket does not exist")
+        assert_clean_error(run_cli("warm", uri, env={**env, "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9"}), 4,
+                           uri, "cannot reach S3")
+    assert_clean_error(run_cli("warm", uri, env={"PREFETCH_TRANSPORT": "carrier-pigeon"}), 2, "PREFETCH_TRANSPORT")
+    # A missing key read through the library: NotFound (not retried).
+    src = NativeS3Source(uri, Settings.load(transport="native"))
+    with pytest.raises(NotFound):
+        src.read_range("no-such.bin", 0, 10)
+
+
+def test_503_bursts_and_resets_are_retried(s3, use_env, cache_dir, blob, fresh_pool):
+    flaky = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    try:
+        use_env({**s3.env(flaky.url), "PREFETCH_TRANSPORT": "native", "PREFETCH_MAX_CONCURRENCY": "2",
+                 "PREFETCH_CHUNK_BYTES": str(MiB), "PREFETCH_MULTIPART_THRESHOLD": str(2 * MiB)})
+        flaky.inject_faults(answer_503=4, cut=2, cut_after_bytes=256 << 10, match=b"w.bin")
+        w = prefetch.warm("s3://models/transport")
+        stats = flaky.stats()
+        # The way without the engine's retries: the same burst with one attempt per range fails, exit 4.
+        flaky.inject_faults(answer_503=4, match=b"w.bin")
+        proc = run_cli("warm", "s3://models/transport", env={"PREFETCH_MAX_ATTEMPTS": "1",
+                                                            "PREFETCH_CACHE_DIR": str(cache_dir / "no-retry")})
+    finally:
+        flaky.stop()
+    assert (w.path / "w.bin").read_bytes() == blob
+    assert Store(cache_dir).verify(w.key) == []
+    assert stats["faults_served"] == 6, stats
+    assert_clean_error(proc, 4, "s3://models/transport", "giving up")
+
+
+def test_endpoint_and_credentials_as_mlflow_users_set_them(s3, use_env, cache_dir, blob, fresh_pool, tmp_path):
+    counting = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    try:
+        # MLFLOW_S3_ENDPOINT_URL wins over AWS_ENDPOINT_URL* (as in the boto3 transport and MLflow itself), and
+        # the credentials come from a profile through boto3's chain (no AWS_ACCESS_KEY_ID in the environment).
+        creds = tmp_path / "aws-credentials"
+        creds.write_text(f"[bench]\naws_access_key_id = {s3.access_key}\naws_secret_access_key = {s3.secret_key}\n")
+        use_env({"MLFLOW_S3_ENDPOINT_URL": counting.url, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
+                 "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_PROFILE": "bench",
+                 "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_DEFAULT_REGION": s3.region,
+                 "PREFETCH_TRANSPORT": "native"})
+        w = prefetch.warm("s3://models/transport")
+        through = counting.stats()
+    finally:
+        counting.stop()
+    assert (w.path / "w.bin").read_bytes() == blob
+    assert through["get_requests"] >= 3, through      # the listing and both files went to MLFLOW_S3_ENDPOINT_URL
+
+
+def _manifest_hashes(cache, key: str) -> dict[str, tuple[int, str]]:
+    return {f.path: (f.size, f.sha256) for f in Store(cache).lookup(key).files}
+
+
+def test_warm_native_gives_the_same_manifest_as_boto3(mlflow_direct, use_env, tmp_path, fresh_pool):
+    """A model of 2 big + many small files, warmed through each transport into its own cache."""
+    use_env(mlflow_direct.env())
+    large = [("weights-0.bin", 40 * MiB + 5), ("weights-1.bin", 24 * MiB)]
+    rec = harness.register_large_model(mlflow_direct.env(), "transport-model", large_files=large, n_small=150,
+                                       small_size=4096, workdir=tmp_path)
+    uri = f"models:/transport-model/{rec['version']}"
+    out = {}
+    for transport in ("boto3", "native"):
+        settings = Settings.load(cache_dir=tmp_path / f"cache-{transport}", transport=transport)
+        assert type(open_source(rec["artifact_location"], settings)).__name__ == \
+            {"boto3": "S3Source", "native": "NativeS3Source"}[transport]
+        w = prefetch.warm(uri, settings=settings)
+        assert not w.from_cache
+        out[transport] = _manifest_hashes(settings.cache_dir, w.key)
+        assert Store(settings.cache_dir).verify(w.key) == []
+    assert out["native"] == out["boto3"]
+    assert len(out["native"]) >= 150 + 2
+    # And the hashes are the uploaded bytes' (independent of both transports): recompute the big files'.
+    for name, size in large:
+        path = tmp_path / "expected.bin"
+        harness.write_random_file(path, size, seed=large.index((name, size)))
+        want = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert [v for k, v in out["native"].items() if k.endswith(name)] == [(size, want)]
+
+
+def test_proxied_mlflow_artifacts_are_sent_once(mlflow_proxied, use_env, tmp_path, monkeypatch):
+    """`mlflow server` ignores Range on artifact GETs: the proxied source notices (one 1-byte probe) and reads each
+    file whole, instead of having the server send a big file once per range. Same manifest for both transports."""
+    rec = harness.register_large_model(mlflow_proxied.env(), "transport-proxied",
+                                       large_files=[("weights.bin", 20 * MiB + 1)], n_small=20, small_size=2048,
+                                       workdir=tmp_path)
+    port = int(mlflow_proxied.tracking_uri.rsplit(":", 1)[1])
+    link = harness.LinkProxy("127.0.0.1", port).start()
+    try:
+        use_env({**mlflow_proxied.env(), "MLFLOW_TRACKING_URI": link.url, "PREFETCH_CHUNK_BYTES": str(8 * MiB),
+                 "PREFETCH_MULTIPART_THRESHOLD": str(16 * MiB)})
+        uri = f"models:/transport-proxied/{rec['version']}"
+        sent, out = {}, {}
+        for run, transport in (("probed-boto3", "boto3"), ("probed-native", "native"), ("ranged", "native")):
+            if run == "ranged":   # the way without the probe: trust Range, as before
+                monkeypatch.setattr(MlflowProxySource, "_server_honours_ranges", lambda self, entries: True)
+            settings = Settings.load(cache_dir=tmp_path / f"cache-{run}", transport=transport)
+            link.reset()
+            w = prefetch.warm(uri, settings=settings)
+            sent[run] = link.stats()["bytes_out"]
+            out[run] = _manifest_hashes(settings.cache_dir, w.key)
+    finally:
+        link.stop()
+    assert out["probed-native"] == out["probed-boto3"] == out["ranged"] and len(out["ranged"]) >= 21
+    expected = tmp_path / "expected.bin"
+    harness.write_random_file(expected, 20 * MiB + 1, seed=0)
+    want = hashlib.sha256(expected.read_bytes()).hexdigest()
+    assert [v for k, v in out["ranged"].items() if k.endswith("weights.bin")] == [(20 * MiB + 1, want)]
+    total = rec["total_bytes"]
+    assert sent["probed-native"] < 1.2 * total, (sent, total)
+    assert sent["ranged"] > 1.8 * total, (sent, total)
