@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -64,19 +65,27 @@ def warm_process(uri: str, env: dict, pythonpath: Path = REPO, json_out: bool = 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, int]:
-    """(exit code, peak RSS in bytes) of a child, from the kernel's own accounting (wait4 ru_maxrss, KiB)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss * 1024
-        assert time.monotonic() < deadline, "warm did not finish"
-        time.sleep(0.1)
-
-
 # -- A. bounded memory ---------------------------------------------------------------------------------------------
+# The warming process reports its own peak RSS (VmHWM of its address space) at exit. Not wait4's ru_maxrss: Linux
+# carries the parent's high-water mark across fork + exec into the child's, so a big pytest process would hide
+# the child's own figure.
+_PEAK_LAUNCHER = """
+import atexit, os, runpy, sys
+
+
+def _report():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["PEAK_RSS_FILE"], "w") as out:
+        out.write(str(kib * 1024))
+
+
+atexit.register(_report)
+sys.argv = ["prefetch", *sys.argv[1:]]
+runpy.run_module("prefetch.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 def _baseline_tree(tmp_path: Path) -> Path:
     """The package as it was before this issue (git archive of BASELINE_COMMIT), to run the old behaviour."""
     out = tmp_path / "baseline"
@@ -103,15 +112,19 @@ def test_peak_memory_is_bounded_by_the_window_not_the_model(s3, proxy, cache_dir
 
     def peak(tree: Path, cache: Path, uri: str, stall: bool) -> int:
         cache.mkdir()
+        peak_file = cache.parent / f"{cache.name}.peak"
         fault = proxy.add_fault("stall", b"mem/weights.bin", range_start=0, seconds=300) if stall else None
-        proc = warm_process(uri, {**env, "PREFETCH_CACHE_DIR": str(cache)}, pythonpath=tree)
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK_LAUNCHER, "warm", uri], cwd=tree,
+                                env={**os.environ, **env, "PREFETCH_CACHE_DIR": str(cache), "PYTHONPATH": str(tree),
+                                     "PEAK_RSS_FILE": str(peak_file)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if fault is not None:
             # Release the first range only once every other range is on disk (or held in memory).
             wait_until(lambda: staged_bytes(cache) >= size - chunk, 600, "all ranges but the first")
             fault.release()
-        code, rss = wait_rusage(proc, 600)
-        assert code == 0, proc.stderr.read()
-        return rss
+        _out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        return int(peak_file.read_text())
 
     baseline = peak(REPO, tmp_path / "c0", "s3://models/mem-noop", stall=False)
     bound = baseline + (concurrency + 2) * chunk

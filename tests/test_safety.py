@@ -382,7 +382,7 @@ LEASE_TTL = 3.0
 _OTHER_POD = """
 import os, socket, sys, time
 socket.sethostname("deleted-pod-7f9c")
-from prefetch.lifecycle import Lease
+from prefetch.store.lifecycle import Lease
 lease = Lease.acquire(sys.argv[1], sys.argv[2], holder="replica on another pod")
 print(lease.path, flush=True)
 if sys.argv[3] == "exit":
@@ -414,7 +414,7 @@ def _wait(predicate, seconds: float) -> bool:
 def test_lease_from_another_host_expires_after_its_ttl_and_gc_removes_it(cache_dir, monkeypatch):
     import time
 
-    from prefetch import lifecycle
+    from prefetch.store import lifecycle
     from prefetch.config import Settings
     from prefetch.store import Store
 
@@ -447,7 +447,7 @@ def test_no_bare_pid_checks():
     import time
 
     from prefetch.store import records
-    from prefetch.lifecycle import pid_alive
+    from prefetch.store.lifecycle import pid_alive
 
     assert pid_alive(-1) is False and pid_alive(0) is False
     me = records.holder_fields(ttl=30)
@@ -577,7 +577,7 @@ def test_inflight_record_and_status_rows_hold_no_credentials(proxied_server, cac
     says who holds it; the node's status rows built from it are clean too."""
     import time
 
-    from prefetch.agent import inflight_downloads
+    from prefetch.store.lifecycle import inflight_downloads
     from prefetch.store import Store
 
     server = proxied_server["server"]
