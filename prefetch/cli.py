@@ -231,10 +231,12 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
          replicas: int = typer.Option(..., "--replicas", "-n", help="How many replicas to plan for."),
          factor: float = typer.Option(2.0, "--factor", help="Memory per replica, as a multiple of the model size."),
          overhead: str = typer.Option("0", "--overhead", help="Fixed bytes per replica on top (e.g. 300MiB)."),
+         fmt: str = typer.Option("native", "--format", help="The format the replicas load: native, onnx, torchscript."),
          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to check against "
                                                "(default: RAY_ADDRESS if set; otherwise no cluster check)."),
          as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout.")) -> None:
-    """Memory per replica and in total (factor x MLmodel's model_size_bytes), as ray_actor_options.
+    """Memory per replica and in total, as ray_actor_options: measured (private per replica + one shared copy
+    of the weights per node) once a replica loaded the model on this node, else factor x model_size_bytes.
 
     Exit 6 when a reachable cluster cannot admit that many replicas."""
     from .config import parse_bytes
@@ -246,7 +248,7 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
     from serving.memory import plan as plan_memory
 
     try:
-        doc = plan_memory(uri, replicas, factor, overhead_bytes=overhead_bytes,
+        doc = plan_memory(uri, replicas, factor, overhead_bytes=overhead_bytes, format=fmt,
                           address=address or os.environ.get("RAY_ADDRESS") or None)
     except PrefetchError as e:
         raise _fail(e)
@@ -260,10 +262,13 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
         extra = f" + {human_bytes(overhead_bytes)}" if overhead_bytes else ""
         c.print(f"{uri}{who}: model {human_bytes(doc['model_bytes'])} ({doc['size_source']})", highlight=False,
                 soft_wrap=True)
-        c.print(f"per replica: {human_bytes(doc['per_replica_bytes'])} ({factor:g}x{extra})  ->  "
+        how = "measured private" if doc["basis"] == "measured" else f"{factor:g}x, rule of thumb"
+        c.print(f"per replica ({doc['format']}): {human_bytes(doc['per_replica_bytes'])} ({how}{extra})  ->  "
                 f"ray_actor_options={{\"memory\": {doc['per_replica_bytes']}}}", highlight=False, soft_wrap=True)
-        c.print(f"{replicas} replica{'s' if replicas != 1 else ''}: {human_bytes(doc['total_bytes'])}",
-                highlight=False)
+        if doc["basis"] == "measured":
+            c.print(f"shared once per node: {human_bytes(doc['shared_bytes'])} (mapped weights)", highlight=False)
+        c.print(f"{replicas} replica{'s' if replicas != 1 else ''}: {human_bytes(doc['total_bytes'])} "
+                f"({doc['basis_note']})", highlight=False, soft_wrap=True)
         if cluster and cluster.get("reachable"):
             verdict = "fits" if cluster["fits"] else "[red]does NOT fit[/red]"
             c.print(f"cluster {cluster['address']}: {len(cluster['nodes'])} node(s), "
