@@ -7,8 +7,10 @@ accounting (/proc/<pid>/smaps_rollup, read here by the test, not by the code und
 Each replica process imports everything and pays its runtime costs (serving.prepare_runtime) first; the test then
 reads every process's PSS (the runtime baseline), lets them all load at once, and reads their PSS again while all
 are alive, so shared pages are split between the same processes both times. The load's cost is the sum of the
-increases. Mapped: ~1x the weights (one shared copy) + a little private memory each. Copied
-(share_weights=False): one private copy per process, ~4x.
+increases, read once every replica has answered one row (a forward pass reads every weight, so mapped pages are
+resident). Mapped: ~1x the weights (one shared copy) + a little private memory each. Copied (share_weights=False):
+one private copy per process, ~4x. The test batch is predicted after that reading: the runtime's GEMM work buffers
+for a batch (~4 MiB per process in torch, whatever the weights) are not the model's.
 """
 from __future__ import annotations
 
@@ -30,19 +32,23 @@ MLP_NAME = "shared-weights-mlp"
 REPLICAS = 4
 WIDTH = 2560          # 2 x 2560 x 2560 float32 hidden layers: ~50 MiB of weights in all
 
-# One replica: prepare, say "ready", wait for "load", load + predict, say what it loaded, wait for "exit".
+# One replica: prepare, say "ready"; on "load": load, answer one row (every weight is read), say what it loaded;
+# on "predict": predict the test batch into out_path, say "done"; then wait for "exit".
 REPLICA = r"""
 import json, sys
 import numpy as np
 import serving
 uri, fmt, share, model_dir, x_path, out_path = sys.argv[1:7]
 serving.prepare_runtime(fmt, __import__("pathlib").Path(model_dir))
-np.load(x_path)
+X = np.load(x_path)
 print("ready", flush=True)
 assert sys.stdin.readline().strip() == "load"
 m = serving.load_model(uri, format=fmt, share_weights=share == "1")
-np.save(out_path, np.asarray(m.predict(np.load(x_path))))
+m.predict(X[:1])
 print(json.dumps(m.info(), default=str), flush=True)
+assert sys.stdin.readline().strip() == "predict"
+np.save(out_path, np.asarray(m.predict(X)))
+print("done", flush=True)
 sys.stdin.readline()
 """
 
@@ -99,9 +105,12 @@ def _replicas(mlp: dict, fmt: str, share: bool, out_dir: Path) -> dict:
             p.stdin.flush()
         infos = [json.loads(p.stdout.readline()) for p in procs]
         loaded = {p.pid: _pss(p.pid) for p in procs}
-        for p in procs:
-            p.stdin.write("exit\n")
-            p.stdin.flush()
+        for command in ("predict", "exit"):
+            for p in procs:
+                p.stdin.write(command + "\n")
+                p.stdin.flush()
+            if command == "predict":
+                assert all(p.stdout.readline().strip() == "done" for p in procs)
         for p in procs:
             assert p.wait(timeout=120) == 0
     finally:
@@ -110,6 +119,9 @@ def _replicas(mlp: dict, fmt: str, share: bool, out_dir: Path) -> dict:
                 p.kill()
                 p.wait()
     growth = sum(loaded[pid] - baseline[pid] for pid in baseline)
+    print(f"\n{fmt} share={share}: PSS growth per replica (MiB)",
+          [round((loaded[pid] - baseline[pid]) / 2**20, 1) for pid in baseline],
+          "load profile", [i.get("memory") for i in infos][:1])
     return {"ratio": growth / mlp["weight_bytes"], "growth": growth, "infos": infos,
             "predictions": [np.load(o) for o in outs]}
 
