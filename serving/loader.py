@@ -165,6 +165,13 @@ def prepare_runtime(format: str = "native", model_dir: Path | None = None) -> No
     scikit-learn) and, for MLflow, the package map its requirement check builds on the first load (~1 s here)."""
     if format != "native":
         import prefetch.convert.runtime  # noqa: F401
+
+        # The runtime itself: importing onnxruntime costs ~100 MiB of private memory (its kernel and schema
+        # registries), once per process; paid here so that a load's measured cost is the model's own.
+        import importlib
+
+        importlib.import_module("onnxruntime" if format == "onnx" else "torch")
+        import mlflow.models  # noqa: F401  (the input schema is read from the native MLmodel: ~85 MiB once)
         return
     import mlflow.pyfunc  # noqa: F401
 
