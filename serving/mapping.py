@@ -226,11 +226,15 @@ _PT2_LOADER_MODULES = (
 
 def prepare_torch_loader(model_dir: Path) -> None:
     """Import what loading this model's torch.export archive will import (nothing for other models)."""
+    weights = torch_weights_file(Path(model_dir))
+    if weights is not None and weights.suffix == ".pt2":
+        import_pt2_loader()
+
+
+def import_pt2_loader() -> None:
+    """Import the modules torch.export.load needs (see _PT2_LOADER_MODULES)."""
     import importlib
 
-    weights = torch_weights_file(Path(model_dir))
-    if weights is None or weights.suffix != ".pt2":
-        return
     for name in _PT2_LOADER_MODULES:
         try:
             importlib.import_module(name)
