@@ -149,6 +149,7 @@ def main() -> None:
     modes = args.modes.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-memory-", dir=os.environ.get("BENCH_DIR")))
     registry = harness.EmbeddedRegistry(work / "mlflow")
+    ray_tmp = None
     results: list[dict] = []
     import ray
 
@@ -167,9 +168,11 @@ def main() -> None:
         for fmt in ("native", "onnx"):     # download and convert once, before any replica starts
             prefetch.warm(uri, format=fmt)
         print(f"model {uri}: {weight_bytes / MiB:.1f} MiB of weights", flush=True)
+        # Its own Ray session dir (short: Ray's socket paths have a length limit), not the machine's /tmp/ray.
+        ray_tmp = tempfile.mkdtemp(prefix="rbm-", dir="/tmp")
         ray.init(address="local", num_cpus=16, include_dashboard=False, object_store_memory=100 << 20,
                  logging_level="ERROR", log_to_driver=False, namespace="bench-memory",
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env}, _temp_dir=ray_tmp)
         from ray import serve
 
         serve.start(http_options={"host": "127.0.0.1", "port": harness.free_port()})
@@ -200,6 +203,8 @@ def main() -> None:
             ray.shutdown()
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
+        if ray_tmp:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     report(results, weight_bytes, args)
 
 
