@@ -116,13 +116,11 @@ def load_model(uri: str, format: str = "native", *, session_options: dict | None
             warmed = warm_local(uri, format, convert_options, settings)
         # One-time costs of the process (imports), not of this model: kept out of load_seconds.
         prepare_runtime(format, Path(warmed.path))
-        from . import memory_profile
-
-        before = memory_profile.snapshot()
+        before = _snapshot() if share_weights else None
         started = time.monotonic()
         model, schema, sharing = _load(warmed, format, session_options or {}, share_weights)
         seconds = time.monotonic() - started
-        profile = _measure(warmed, format, sharing, before, settings) if share_weights else None
+        profile = _measure(warmed, format, sharing, before, settings) if before is not None else None
         return LoadedModel(model, warmed, seconds, held, schema, sharing=sharing, memory=profile)
     except BaseException:
         if held is not None:
@@ -232,6 +230,15 @@ def _load(warmed, format: str, session_options: dict, share_weights: bool = True
         raise ModelLoadError(f"cannot open the {format} model at {path}: {_one_line(e)}", uri) from e
     native = Path(warmed.source_path) if getattr(warmed, "source_path", None) else None
     return model, _schema(native) if native else None, sharing
+
+
+def _snapshot():
+    from . import memory_profile
+
+    try:
+        return memory_profile.snapshot()
+    except OSError:          # no /proc/self/smaps_rollup (not Linux, or an old kernel): nothing measured
+        return None
 
 
 def _measure(warmed, format: str, sharing, before, settings) -> dict | None:

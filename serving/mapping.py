@@ -210,7 +210,12 @@ def share_native(pyfunc_model, model_dir: Path) -> Sharing:
         module = pyfunc_model.get_raw_model()
     except Exception as e:     # a pyfunc wrapper without get_raw_model: the model stays as MLflow loaded it
         return Sharing(False, why=f"the loaded model does not expose its torch module ({type(e).__name__})")
-    return map_torch_weights(module, weights)
+    try:
+        return map_torch_weights(module, weights)
+    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as e:
+        # Tensors already re-pointed hold the same bytes; the rest stay MLflow's copies. Serving goes on.
+        logger.warning("mapping the weights of %s failed, they stay private: %s", weights, e)
+        return Sharing(False, why=f"mapping {weights.name} failed: {type(e).__name__}: {e}"[:300])
 
 
 # Modules torch.export.load imports lazily on its first call (~400 of them, tens of MiB: sympy, networkx, the
