@@ -228,6 +228,8 @@ def _load(warmed, format: str, session_options: dict, share_weights: bool = True
         raise
     except Exception as e:
         raise ModelLoadError(f"cannot open the {format} model at {path}: {_one_line(e)}", uri) from e
+    if sharing.shared and format == "onnx":
+        mapping.warm_up_onnx(model)
     native = Path(warmed.source_path) if getattr(warmed, "source_path", None) else None
     return model, _schema(native) if native else None, sharing
 

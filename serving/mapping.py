@@ -87,6 +87,17 @@ def onnx_session_options(session_options: dict) -> dict:
     return {**session_options, "config_entries": entries}
 
 
+def warm_up_onnx(model) -> None:
+    """Answer one row of zeros once: onnxruntime maps lazily and allocates its arena on the first run, so this
+    makes the weights resident before the first request and lets the load's profile include the arena."""
+    import numpy as np
+
+    try:
+        model.predict(np.zeros((1, *model.row_shape), dtype=model.dtype))
+    except Exception as e:   # an input zeros do not suit: the first request pays instead
+        logger.debug("warm-up of %s skipped: %s", model, e)
+
+
 # -- PyTorch ----------------------------------------------------------------------------------------------------
 def torch_weights_file(model_dir: Path) -> Path | None:
     """The zip archive MLflow's pytorch flavor wrote (model.pt2 or model.pth), or None."""
