@@ -225,10 +225,12 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
          replicas: int = typer.Option(..., "--replicas", "-n", help="How many replicas to plan for."),
          factor: float = typer.Option(2.0, "--factor", help="Memory per replica, as a multiple of the model size."),
          overhead: str = typer.Option("0", "--overhead", help="Fixed bytes per replica on top (e.g. 300MiB)."),
+         fmt: str = typer.Option("native", "--format", help="The format the replicas load: native, onnx, torchscript."),
          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to check against "
                                                "(default: RAY_ADDRESS if set; otherwise no cluster check)."),
          as_json: AsJson = False) -> None:
-    """Memory per replica and in total (factor x MLmodel's model_size_bytes), as ray_actor_options.
+    """Memory per replica and in total, as ray_actor_options: measured (private per replica + one shared copy
+    of the weights per node) once a replica loaded the model on this node, else factor x model_size_bytes.
 
     Exit 6 when a reachable cluster cannot admit that many replicas."""
     from .config import parse_bytes
@@ -239,7 +241,7 @@ def plan(uri: str = typer.Argument(..., help="The model: models:/..., runs:/...,
         raise BadURI(f"--overhead: '{overhead}' is not a size (e.g. 300MiB, 1G, 1000)") from None
     from serving.memory import cluster_too_small, plan as plan_memory
 
-    doc = plan_memory(uri, replicas, factor, overhead_bytes=overhead_bytes,
+    doc = plan_memory(uri, replicas, factor, overhead_bytes=overhead_bytes, format=fmt,
                       address=address or os.environ.get("RAY_ADDRESS") or None)
     if as_json:
         _emit_json(doc)

@@ -113,15 +113,19 @@ def unpinned(target: str, keys: list[str], console) -> None:
 
 
 def memory_plan(doc: dict, console) -> None:
-    """`prefetch plan`: model size, per replica (as ray_actor_options), total, and the cluster's verdict."""
+    """`prefetch plan`: model size, per replica (as ray_actor_options), the shared copy, total, the cluster's verdict."""
     who = f" ({doc['name']} v{doc['version']})" if doc.get("version") else ""
     extra = f" + {human_bytes(doc['overhead_bytes'])}" if doc["overhead_bytes"] else ""
     replicas = doc["replicas"]
-    _line(console, f"{doc['uri']}{who}: model {human_bytes(doc['model_bytes'])} ({doc['size_source']})")
-    _line(console, f"per replica: {human_bytes(doc['per_replica_bytes'])} ({doc['factor']:g}x{extra})  ->  "
+    _line(console, escape(f"{doc['uri']}{who}: model {human_bytes(doc['model_bytes'])} ({doc['size_source']})"))
+    how = "measured private" if doc.get("basis") == "measured" else f"{doc['factor']:g}x, rule of thumb"
+    fmt = f" ({doc['format']})" if doc.get("format") else ""
+    _line(console, f"per replica{fmt}: {human_bytes(doc['per_replica_bytes'])} ({how}{extra})  ->  "
                    f"ray_actor_options={{\"memory\": {doc['per_replica_bytes']}}}")
-    console.print(f"{replicas} replica{'s' if replicas != 1 else ''}: {human_bytes(doc['total_bytes'])}",
-                  highlight=False)
+    if doc.get("basis") == "measured":
+        console.print(f"shared once per node: {human_bytes(doc['shared_bytes'])} (mapped weights)", highlight=False)
+    basis = f" ({doc['basis_note']})" if doc.get("basis_note") else ""
+    _line(console, f"{replicas} replica{'s' if replicas != 1 else ''}: {human_bytes(doc['total_bytes'])}{basis}")
     cluster = doc["cluster"]
     if cluster and cluster.get("reachable"):
         verdict = "fits" if cluster["fits"] else "[red]does NOT fit[/red]"

@@ -5,7 +5,10 @@
 - load_model(uri, format="native") -> LoadedModel: warm once per node, load from the local path.
 - RegistryModel: base class for @serve.deployment classes; model URI in user_config, hot swap on reconfigure.
 - MultiplexedModel: many models per deployment (Serve's multiplexing), ids -> URIs by a template in user_config.
-- memory_for(uri, factor=2.0) -> bytes per replica; actor_options(uri, ...) -> ray_actor_options with memory.
+- load_model(..., share_weights=True): weights mapped from the cache where the format allows (serving.mapping),
+  so K replicas on a node share one copy; each load's private/shared cost is recorded (serving.memory_profile).
+- memory_for(uri, factor=2.0, replicas=K, format=...) -> bytes per replica (measured private part once a load
+  was profiled, else factor x size), with .shared_bytes / .total_bytes; actor_options(uri, ...) -> ray_actor_options.
 - replica_status(app) -> what every live replica of a Serve app serves (from a connected Ray driver;
   serving.control holds the rollout, the watch and the rest of Serve control).
 """

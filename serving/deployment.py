@@ -5,9 +5,11 @@
         pass
 
 The model URI lives in `user_config` ({"model_uri": ..., "format": "native"|"onnx"|"torchscript",
-"session_options": {...}, "convert_options": {...}}). On `reconfigure()` the replica warms the new version
-through the node-local cache and loads it in a worker thread, off the request path; only then does it swap one
-reference. A request reads that reference once, so requests in flight finish on the model they started with.
+"session_options": {...}, "convert_options": {...}, "share_weights": true}). On `reconfigure()` the replica warms
+the new version through the node-local cache and loads it in a worker thread, off the request path; only then does
+it swap one reference. A request reads that reference once, so requests in flight finish on the model they started
+with. Loads map the cached weights (shared by every replica on the node) unless share_weights is false; a swap maps
+the new version first, and the old one's mapping goes when its last request is done.
 
 A swap that fails (the version is missing, the download or the load fails) keeps the old model serving:
 the failure is logged, shown by `status()` (also GET <route>/-/model and the published replica status), and
@@ -57,7 +59,10 @@ def parse_config(config: Any, default_format: str = "native") -> dict:
     for opt in ("session_options", "convert_options"):
         if config.get(opt) is not None and not isinstance(config[opt], dict):
             raise BadURI(f"user_config '{opt}' must be a mapping", uri)
-    return {**config, "model_uri": uri.strip(), "format": fmt,
+    share = config.get("share_weights", True)
+    if not isinstance(share, bool):
+        raise BadURI(f"user_config 'share_weights' must be true or false (got {share!r})", uri)
+    return {**config, "model_uri": uri.strip(), "format": fmt, "share_weights": share,
             "session_options": dict(config.get("session_options") or {}),
             "convert_options": dict(config.get("convert_options") or {})}
 
@@ -97,7 +102,8 @@ class RegistryModel:
         who = self._identity
         holder = f"serve replica {who['app']}#{who['deployment']}#{who['replica']}" if who else None
         return load_model(config["model_uri"], config["format"], session_options=config["session_options"],
-                          convert_options=config["convert_options"], holder=holder)
+                          convert_options=config["convert_options"], holder=holder,
+                          share_weights=config.get("share_weights", True))
 
     async def reconfigure(self, config: dict) -> None:
         """Serve calls this with the user_config (at start and on every change)."""
@@ -132,7 +138,8 @@ class RegistryModel:
         """Same format and options, and the URI resolves to the object already loaded (cheap on a hit)."""
         previous = self._config or {}
         if current.format != config["format"] or previous.get("session_options") != config["session_options"] \
-                or previous.get("convert_options") != config["convert_options"]:
+                or previous.get("convert_options") != config["convert_options"] \
+                or previous.get("share_weights", True) != config["share_weights"]:
             return False
         from prefetch.uri import parse
 

@@ -49,7 +49,7 @@ def model_app(args: dict):
     the deployment's `user_config` instead for a hot swap.
     """
     config = {k: v for k, v in (args or {}).items() if k in ("model_uri", "format", "session_options",
-                                                               "convert_options")}
+                                                               "convert_options", "share_weights")}
     return Model.options(user_config=config).bind() if config else Model.bind()
 
 

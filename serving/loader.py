@@ -39,6 +39,8 @@ class LoadedModel:
     lease: Any = dataclasses.field(default=None, repr=False)
     input_schema: Any = dataclasses.field(default=None, repr=False)   # mlflow Schema (scoring-format parsing)
     loaded_at: float = dataclasses.field(default_factory=time.time)
+    sharing: Any = dataclasses.field(default=None, repr=False)        # serving.mapping.Sharing
+    memory: dict | None = dataclasses.field(default=None, repr=False)  # serving.memory_profile.measure_load()
 
     # -- identity ------------------------------------------------------------------------------------------
     @property
@@ -86,18 +88,23 @@ class LoadedModel:
                 "format": self.format, "path": str(self.path), "bytes": w.bytes, "from_cache": w.from_cache,
                 "warm_seconds": round(w.seconds, 4), "load_seconds": round(self.load_seconds, 4),
                 "origin_bytes": w.origin_bytes, "loaded_at": self.loaded_at, "leased": self.lease is not None,
-                "offline": w.resolved.offline, "note": w.resolved.note}
+                "offline": w.resolved.offline, "note": w.resolved.note,
+                **(self.sharing.to_dict() if self.sharing is not None else {}),
+                "memory": _memory_summary(self.memory)}
 
 
 def load_model(uri: str, format: str = "native", *, session_options: dict | None = None,
                convert_options: dict | None = None, settings=None, lease: bool = True,
-               holder: str | None = None) -> LoadedModel:
+               holder: str | None = None, share_weights: bool = True) -> LoadedModel:
     """Warm `uri` into this node's cache (once per node) and load it from the local path.
 
     format: native (MLflow pyfunc) | onnx | torchscript (converted once per node, then loaded with
     onnxruntime / torch). session_options: runtime options of a derived model (e.g. intra_op_num_threads).
     lease: hold a cache lease while the model is loaded (released by LoadedModel.release()); holder names
     who holds it in `prefetch ls` (default: this process).
+    share_weights: map the cached weights read-only where the format allows (ONNX external data, PyTorch
+    archives), so replicas on a node share one copy (serving.mapping); False copies them into this process.
+    What the load cost (private vs shared bytes) is measured and recorded for memory planning (serving.memory).
     """
     if format not in FORMATS:
         from prefetch.errors import UnsupportedFormat
@@ -111,9 +118,12 @@ def load_model(uri: str, format: str = "native", *, session_options: dict | None
             warmed = warm_local(uri, format, convert_options, settings)
         # One-time costs of the process (imports), not of this model: kept out of load_seconds.
         prepare_runtime(format, Path(warmed.path))
+        before = _snapshot() if share_weights else None
         started = time.monotonic()
-        model, schema = _load(warmed, format, session_options or {})
-        return LoadedModel(model, warmed, time.monotonic() - started, held, schema)
+        model, schema, sharing = _load(warmed, format, session_options or {}, share_weights)
+        seconds = time.monotonic() - started
+        profile = _measure(warmed, format, sharing, before, settings) if before is not None else None
+        return LoadedModel(model, warmed, seconds, held, schema, sharing=sharing, memory=profile)
     except BaseException:
         if held is not None:
             held.release()
@@ -156,11 +166,21 @@ def prepare_runtime(format: str = "native", model_dir: Path | None = None) -> No
     _load_pyfunc asks for suppress_warnings=True."""
     if format != "native":
         import prefetch.convert.runtime  # noqa: F401
+
+        # The runtime itself: importing onnxruntime costs ~100 MiB of private memory (its kernel and schema
+        # registries), once per process; paid here so that a load's measured cost is the model's own.
+        import importlib
+
+        importlib.import_module("onnxruntime" if format == "onnx" else "torch")
+        import mlflow.models  # noqa: F401  (the input schema is read from the native MLmodel: ~85 MiB once)
         return
     import mlflow.pyfunc  # noqa: F401
 
     if model_dir is not None:
         _import_flavor(model_dir)
+        from .mapping import prepare_torch_loader
+
+        prepare_torch_loader(model_dir)
 
 
 def _import_flavor(model_dir: Path) -> None:
@@ -177,13 +197,27 @@ def _import_flavor(model_dir: Path) -> None:
         pass
 
 
-def _load(warmed, format: str, session_options: dict):
+def _load(warmed, format: str, session_options: dict, share_weights: bool = True):
+    from . import mapping
+
     path = Path(warmed.path)
     uri = warmed.resolved.uri
     if format == "native":
         model = _load_pyfunc(path, uri)
-        return model, _safe(lambda: model.metadata.get_input_schema())
+        sharing = mapping.share_native(model, path) if share_weights else mapping.OPTED_OUT
+        return model, _safe(lambda: model.metadata.get_input_schema()), sharing
+    from prefetch.convert import flavor_of
     from prefetch.convert.runtime import load_derived
+
+    if not share_weights:
+        sharing = mapping.OPTED_OUT
+    elif format == "onnx":
+        source = Path(warmed.source_path) if getattr(warmed, "source_path", None) else None
+        sharing = mapping.onnx_sharing(path, flavor_of(source) if source else None)
+        if sharing.shared:
+            session_options = mapping.onnx_session_options(session_options)
+    else:
+        sharing = mapping.format_sharing_unsupported(format)
 
     try:
         model = load_derived(path, format, session_options)
@@ -191,8 +225,44 @@ def _load(warmed, format: str, session_options: dict):
         raise
     except Exception as e:
         raise ModelLoadError(f"cannot open the {format} model at {path}: {_one_line(e)}", uri) from e
+    if sharing.shared and format == "onnx":
+        mapping.warm_up_onnx(model)
     native = Path(warmed.source_path) if getattr(warmed, "source_path", None) else None
-    return model, _schema(native) if native else None
+    return model, _schema(native) if native else None, sharing
+
+
+def _snapshot():
+    from . import memory_profile
+
+    try:
+        return memory_profile.snapshot()
+    except OSError:          # no /proc/self/smaps_rollup (not Linux, or an old kernel): nothing measured
+        return None
+
+
+def _measure(warmed, format: str, sharing, before, settings) -> dict | None:
+    """Measure what the load cost (private vs shared) and record it beside the object, for memory planning.
+    A profile that cannot be written costs the load nothing: planning then falls back to the rule of thumb."""
+    from prefetch.config import Settings
+
+    from . import memory_profile
+
+    dirs = [Path(warmed.path)] + ([Path(warmed.source_path)] if getattr(warmed, "source_path", None) else [])
+    try:
+        profile = memory_profile.measure_load(before, dirs, key=warmed.key, format=format,
+                                              shared_weights=bool(sharing and sharing.shared),
+                                              model_bytes=int(warmed.bytes or 0))
+        memory_profile.record((settings or Settings.load()).cache_dir, warmed.key, format, profile)
+        return profile
+    except (OSError, ValueError) as e:     # no /proc (not Linux), a read-only cache dir
+        logger.warning("memory profile of %s (%s) not recorded: %s", warmed.key, format, e)
+        return None
+
+
+def _memory_summary(profile: dict | None) -> dict | None:
+    if not profile:
+        return None
+    return {k: profile[k] for k in ("private_bytes", "shared_bytes", "shared_resident_bytes")}
 
 
 def _load_pyfunc(path: Path, uri: str):

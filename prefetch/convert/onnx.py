@@ -3,6 +3,10 @@
 Each converter writes its files into an empty directory and returns the `io` record the runtime needs
 (file, input name/dtype/row shape, output index). Converter ids name the tool, its version and the opset, so
 a new skl2onnx or torch gets a new derived directory instead of silently reusing an old conversion.
+
+Every initializer is stored as external data in one file beside the graph (`model.onnx.data`): onnxruntime maps
+that file instead of copying it, so the replicas of a node share one copy of the weights in RAM (serving.mapping).
+The `ext` in a converter id marks that layout, so a conversion made before it is not reused.
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ SKLEARN_OPSET = 17
 # (exporter="legacy") is still there, deprecated, and exports 17 directly.
 TORCH_OPSET = {"dynamo": 18, "legacy": 17}
 MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+LAYOUT = "ext"      # weights as external data (see save_with_external_data); part of every converter id
 
 
 # -- scikit-learn ---------------------------------------------------------------------------------------------
 def sklearn_converter_id(options: dict) -> str:
-    return f"skl2onnx{tool_version('skl2onnx')}-op{int(options.get('opset') or SKLEARN_OPSET)}"
+    return f"skl2onnx{tool_version('skl2onnx')}-{LAYOUT}-op{int(options.get('opset') or SKLEARN_OPSET)}"
 
 
 def convert_sklearn(model, batch: Batch, out_dir: Path, options: dict) -> dict:
@@ -51,7 +57,7 @@ def convert_sklearn(model, batch: Batch, out_dir: Path, options: dict) -> dict:
                           target_opset=opset, options=conv_options)
     except Exception as e:   # skl2onnx raises plain RuntimeError/NotImplementedError for unknown estimators
         raise ConversionError(f"skl2onnx cannot convert {type(model).__name__}: {one_line(e)}") from e
-    (out_dir / MODEL_FILE).write_bytes(onx.SerializeToString())
+    save_with_external_data(onx, out_dir / MODEL_FILE)
     return {"file": MODEL_FILE, "input_dtype": "float32", "row_shape": list(batch.array.shape[1:]),
             "output_index": 0, "converter": "skl2onnx", "opset": opset}
 
@@ -63,7 +69,8 @@ def torch_exporter(options: dict) -> str:
 
 def torch_onnx_converter_id(options: dict) -> str:
     exporter = torch_exporter(options)
-    return f"torch{tool_version('torch')}-{exporter}-op{int(options.get('opset') or TORCH_OPSET[exporter])}"
+    opset = int(options.get("opset") or TORCH_OPSET[exporter])
+    return f"torch{tool_version('torch')}-{exporter}-{LAYOUT}-op{opset}"
 
 
 def convert_torch(model, batch: Batch, out_dir: Path, options: dict) -> dict:
@@ -87,6 +94,7 @@ def convert_torch(model, batch: Batch, out_dir: Path, options: dict) -> dict:
                     model, (sample,), str(target), dynamo=False, opset_version=opset,
                     input_names=["input"], output_names=["output"],
                     dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        save_with_external_data(_onnx().load(str(target)), target)
     except ConversionError:
         raise
     except Exception as e:
@@ -94,6 +102,20 @@ def convert_torch(model, batch: Batch, out_dir: Path, options: dict) -> dict:
         raise ConversionError(f"torch.onnx.export ({exporter}) failed: {one_line(e)}{hint}") from e
     return {"file": MODEL_FILE, "input_dtype": str(batch.array.dtype), "row_shape": list(batch.array.shape[1:]),
             "output_index": 0, "converter": f"torch.onnx.export({exporter})", "opset": opset}
+
+
+def save_with_external_data(model, target: Path) -> None:
+    """Write the graph to target and every tensor (no size threshold) to DATA_FILE beside it."""
+    onnx = _onnx()
+    (target.parent / DATA_FILE).unlink(missing_ok=True)   # onnx appends to an existing data file
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=0)
+
+
+def _onnx():
+    import onnx
+
+    return onnx
 
 
 @contextlib.contextmanager

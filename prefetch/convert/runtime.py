@@ -26,8 +26,9 @@ def read_manifest(path: Path) -> dict:
 
 
 def load_derived(path: Path, format: str, options: dict | None = None) -> "DerivedModel":
-    """A loaded derived model. options: intra_op_num_threads, inter_op_num_threads (onnxruntime session
-    options; for TorchScript, intra_op_num_threads sets torch's process-wide thread count)."""
+    """A loaded derived model. options: intra_op_num_threads, inter_op_num_threads, config_entries (onnxruntime
+    session options and session config keys; for TorchScript, intra_op_num_threads sets torch's process-wide
+    thread count)."""
     path = Path(path)
     io = read_manifest(path)["io"]
     return open_model(path, format, io, options or {})
@@ -92,6 +93,8 @@ class OnnxModel(DerivedModel):
             so.intra_op_num_threads = int(options["intra_op_num_threads"])
         if options.get("inter_op_num_threads"):
             so.inter_op_num_threads = int(options["inter_op_num_threads"])
+        for key, value in (options.get("config_entries") or {}).items():   # e.g. session.disable_prepacking
+            so.add_session_config_entry(str(key), str(value))
         self.session = ort.InferenceSession(str(self.path / io["file"]), sess_options=so,
                                             providers=options.get("providers") or ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
