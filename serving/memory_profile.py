@@ -29,7 +29,9 @@ PROFILE_VERSION = 1
 
 def profile_path(cache_dir: Path, key: str, format: str) -> Path:
     """Where the memory profile of object `key` loaded as `format` lives: the one place this path is built."""
-    return Path(cache_dir) / "profiles" / key / f"{format}.json"
+    from prefetch.store.paths import StorePaths
+
+    return StorePaths(Path(cache_dir)).profile(key, format)
 
 
 def read_rollup(pid: int | str = "self") -> dict[str, int]:

@@ -358,6 +358,7 @@ def evict(store: Store, key: str) -> int | None:
             return None
         for _path, trash in moved:
             shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(store.paths.profiles(key), ignore_errors=True)   # measured for what is gone
     finally:
         lock.release()
     return size

@@ -121,6 +121,14 @@ class StorePaths:
     def quarantine(self) -> Path:
         return self.root / "quarantine"
 
+    def profiles(self, key: str) -> Path:
+        """Measured memory profiles of an object, one per format (serving.memory_profile); beside objects/, which
+        is read-only."""
+        return self.root / "profiles" / key
+
+    def profile(self, key: str, format: str) -> Path:
+        return self.profiles(key) / f"{format}.json"
+
     # -- pins and leases ---------------------------------------------------------------------------------------
     def pins_root(self) -> Path:
         return self.root / "pins"

@@ -279,6 +279,7 @@ class Store:
                     trash.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(path, trash)  # atomic disappearance, then the slow delete
                     shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(self.paths.profiles(key), ignore_errors=True)   # measured for what is gone
         return freed
 
     # -- refs: last known resolution of a mutable URI ------------------------------------------------

@@ -22,7 +22,7 @@ from ..errors import BadURI
 
 SHARED_GROUP_ENV = "PREFETCH_SHARED_GROUP"
 # Top-level directories of the store (DESIGN.md "Node-local store").
-SUBDIRS = ("objects", "derived", "refs", "staging", "locks", "pins", "leases", "quarantine", "trash")
+SUBDIRS = ("objects", "derived", "refs", "staging", "locks", "pins", "leases", "quarantine", "trash", "profiles")
 
 
 class UntrustedCacheDir(BadURI):
