@@ -513,7 +513,7 @@ def _watch(rig, uri: str, tracking_uri: str | None = None) -> tuple[subprocess.P
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     proc = subprocess.Popen([*PREFETCH, "watch", uri, "--app", APP, "--interval", "1", "--max-rollouts", "1",
                              "--address", rig.address], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return proc, Lines(proc.stderr)
 
 

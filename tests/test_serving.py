@@ -380,23 +380,35 @@ def _serve_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.Comple
     return subprocess.run([venv_bin("serve"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _wait_for_answer(url: str, body: dict, check, timeout: float = 300.0):
-    """POST until the app answers 200 and `check(doc)` holds. While the proxy starts (connection refused) or the
-    app deploys (404/503), ask again; any other answer fails now."""
+def _wait_running(address: str, env: dict, app: str, timeout: float = 300.0) -> None:
+    """`serve status` (the real CLI) until the app is RUNNING; DEPLOY_FAILED or a failing CLI fails now."""
+    import yaml
+
     deadline = time.monotonic() + timeout
-    last = None
+    status = None
     while time.monotonic() < deadline:
-        try:
-            r = requests.post(url, json=body, timeout=30)
-        except requests.ConnectionError as e:
-            last = repr(e)
-        else:
-            if r.status_code == 200 and check(r.json()):
-                return r.json()
-            assert r.status_code in (200, 404, 503), (r.status_code, r.text)
-            last = (r.status_code, r.text[:200])
+        proc = _serve_cli("status", "--address", address, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        status = ((yaml.safe_load(proc.stdout) or {}).get("applications") or {}).get(app) or {}
+        assert status.get("status") != "DEPLOY_FAILED", status
+        if status.get("status") == "RUNNING":
+            return
         time.sleep(1.0)
-    raise AssertionError(f"no matching answer from {url} in {timeout:.0f}s (last: {last!r})")
+    raise AssertionError(f"app {app} not RUNNING in {timeout:.0f}s: {status}")
+
+
+def _wait_for_answer(url: str, body: dict, check, timeout: float = 120.0) -> dict:
+    """POST to a RUNNING app until `check(answer)` holds (a hot swap in progress); any non-200 fails now."""
+    deadline = time.monotonic() + timeout
+    doc = None
+    while time.monotonic() < deadline:
+        r = requests.post(url, json=body, timeout=30)
+        assert r.status_code == 200, (r.status_code, r.text)
+        doc = r.json()
+        if check(doc):
+            return doc
+        time.sleep(0.5)
+    raise AssertionError(f"no matching answer from {url} in {timeout:.0f}s (last: {doc!r})")
 
 
 def test_serve_config_yaml_through_serve_deploy_on_a_ray_start_head(seed_embedded, use_env, cache_dir, tmp_path):
@@ -447,8 +459,10 @@ def test_serve_config_yaml_through_serve_deploy_on_a_ray_start_head(seed_embedde
         X = seed_embedded["X_test"][:5]
         url = f"http://{LOOPBACK}:{http}/"
         champion = seed_embedded["expected"][2][:5]   # @champion is v2
-        doc = _wait_for_answer(url, {"features": X.tolist()}, lambda d: True)
-        np.testing.assert_allclose(doc["prediction"], champion, rtol=1e-12)
+        _wait_running(address, token_env, "seed")
+        r = requests.post(url, json={"features": X.tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["prediction"], champion, rtol=1e-12)
         info = requests.get(f"{url}-/model", timeout=30).json()
         assert (info["model"], info["version"], info["format"]) == (NAME, "2", "native"), info
         assert Path(info["path"]).parent == cache_dir / "objects"
