@@ -411,12 +411,44 @@ def _wait_for_answer(url: str, body: dict, check, timeout: float = 120.0) -> dic
     raise AssertionError(f"no matching answer from {url} in {timeout:.0f}s (last: {doc!r})")
 
 
+def _ray_start_head(tmp_path: Path, env: dict, attempts: int = 2) -> tuple:
+    """(process, dashboard port, temp dir) of a real `ray start --head --block` with every port and its temp dir of
+    its own, once it says it started. Retried once with fresh ports: on this loaded 2-core machine a raylet may miss
+    Ray's own start-up deadline ("The current node timed out during startup"); the second failure is raised."""
+    import shutil
+    import tempfile
+
+    for attempt in range(attempts):
+        gcs, dashboard, agent, agent_grpc, client_server, metrics, runtime_env, manager, objects = \
+            harness.free_ports(9)
+        temp_dir = tempfile.mkdtemp(prefix="pf-sd-", dir="/tmp")   # short: Ray's socket paths stay under 108 bytes
+        head = harness.ManagedProcess(
+            [venv_bin("ray"), "start", "--head", "--block", "--node-ip-address", LOOPBACK, "--port", str(gcs),
+             "--include-dashboard", "true", "--dashboard-host", LOOPBACK, "--dashboard-port", str(dashboard),
+             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+             "--ray-client-server-port", str(client_server), "--metrics-export-port", str(metrics),
+             "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(manager),
+             "--object-manager-port", str(objects), "--temp-dir", temp_dir, "--num-cpus", "2",
+             "--memory", str(4 << 30), "--object-store-memory", str(100 << 20), "--disable-usage-stats"],
+            tmp_path / f"ray-head-{attempt}.log", env=env, cwd=tmp_path, name="ray-head")
+        head.start()
+        deadline = time.monotonic() + 240
+        while "Ray runtime started" not in head.log_tail(200) and head.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if "Ray runtime started" in head.log_tail(200):
+            return head, dashboard, temp_dir
+        head.stop(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if attempt == attempts - 1 or "timed out during startup" not in head.log_tail(200):
+            raise AssertionError(f"ray start --head did not start:\n{head.log_tail()}")
+    raise AssertionError("unreachable")
+
+
 def test_serve_config_yaml_through_serve_deploy_on_a_ray_start_head(seed_embedded, use_env, cache_dir, tmp_path):
     """The README's way: `ray start --head` (token auth on, since a token exists in ~/.ray), then
     `RAY_AUTH_MODE=token serve deploy scripts/serve_config.yaml`; without RAY_AUTH_MODE the deploy is refused.
     Then the hot swap the file describes: model_uri changed under user_config, `serve deploy` again."""
     import shutil
-    import tempfile
 
     from tests.helpers import REPO
 
@@ -425,32 +457,17 @@ def test_serve_config_yaml_through_serve_deploy_on_a_ray_start_head(seed_embedde
     subprocess.run([venv_bin("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
                    timeout=120)
     assert (Path(env["HOME"]) / ".ray" / "auth_token").is_file()
-    gcs, dashboard, agent, agent_grpc, http, client_server, metrics, runtime_env, manager, objects = \
-        harness.free_ports(10)
-    temp_dir = tempfile.mkdtemp(prefix="pf-sd-", dir="/tmp")   # short: Ray's socket paths stay under 108 bytes
-    head = harness.ManagedProcess(
-        [venv_bin("ray"), "start", "--head", "--block", "--node-ip-address", LOOPBACK, "--port", str(gcs),
-         "--include-dashboard", "true", "--dashboard-host", LOOPBACK, "--dashboard-port", str(dashboard),
-         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
-         "--ray-client-server-port", str(client_server), "--metrics-export-port", str(metrics),
-         "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(manager),
-         "--object-manager-port", str(objects), "--temp-dir", temp_dir, "--num-cpus", "2",
-         "--memory", str(4 << 30), "--object-store-memory", str(100 << 20), "--disable-usage-stats"],
-        tmp_path / "ray-head.log", env={**env, "PREFETCH_CACHE_DIR": str(cache_dir)}, cwd=tmp_path, name="ray-head")
     config = tmp_path / "serve_config.yaml"
     text = (REPO / "scripts" / "serve_config.yaml").read_text()
     assert text.count("port: 8000") == 1
+    http = harness.free_port()
     config.write_text(text.replace("port: 8000", f"port: {http}"))   # the only change: a free port
-    head.start()
+    head, dashboard, temp_dir = _ray_start_head(tmp_path, {**env, "PREFETCH_CACHE_DIR": str(cache_dir)})
     try:
-        deadline = time.monotonic() + 240
-        while "Ray runtime started" not in head.log_tail(200):
-            assert head.alive(), head.log_tail()
-            assert time.monotonic() < deadline, head.log_tail()
-            time.sleep(0.5)
         address = f"http://{LOOPBACK}:{dashboard}"
         refused = _serve_cli("deploy", "--address", address, str(config), env=env)
-        assert refused.returncode != 0, refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "Token authentication is enabled" in refused.stderr, \
+            refused.stdout + refused.stderr
         print(f"\nserve deploy without RAY_AUTH_MODE: exit {refused.returncode}: "
               f"{(refused.stderr or refused.stdout).strip().splitlines()[-1]}")
         token_env = {**env, "RAY_AUTH_MODE": "token"}
@@ -481,5 +498,5 @@ def test_serve_config_yaml_through_serve_deploy_on_a_ray_start_head(seed_embedde
         last = info["history"][-1]
         assert (last["event"], last["from"], last["to"]) == ("swapped", "2", "1"), info["history"]
     finally:
-        head.stop(timeout=30)
+        head.stop(timeout=30)   # the process group of our own `ray start --block`: its raylet, GCS, workers
         shutil.rmtree(temp_dir, ignore_errors=True)
