@@ -168,8 +168,9 @@ def ensure_deployed(doc: dict, name: str, version: str) -> list[dict]:
     same = ((app.get("deployed_app_config") or {}).get("args") or {}) == (doc.get("args") or {})
     old = set() if same or not app else {r["replica"] for r in replicas()}
     deploy(doc)
+    # A first deploy on a fresh cluster starts Ray workers for every replica: slow on a loaded 2-core machine.
     return wait_for(lambda: not ({r["replica"] for r in replicas()} & old) and on_version(version, name=name),
-                    what=f"2 replicas on {name} v{version}")
+                    timeout=300, what=f"2 replicas on {name} v{version}")
 
 
 def ensure_app(uri: str) -> list[dict]:
