@@ -515,8 +515,8 @@ class Lines:
 def _watch(rig, uri: str, tracking_uri: str | None = None) -> tuple[subprocess.Popen, Lines]:
     """`prefetch watch URI` in a subprocess (poll every second, exits after one rollout); its stderr, line by line."""
     env = {**os.environ, "COLUMNS": "250"}
-    if tracking_uri is not None:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if tracking_uri is not None:   # the registry too (use_env exported MLFLOW_REGISTRY_URI for the rig's)
+        env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking_uri
     proc = subprocess.Popen([*PREFETCH, "watch", uri, "--app", APP, "--interval", "1", "--max-rollouts", "1",
                              "--address", rig.address], cwd=REPO, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
