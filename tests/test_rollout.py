@@ -551,6 +551,8 @@ def test_watch_follows_an_alias_through_a_tracking_server_outage(on_rig, tmp_pat
             out.wait_for("in sync: app serves v2")
             server.stop_process()
             outage = out.wait_for("registry error", timeout=120)
+            assert f"cannot reach the MLflow tracking server at {server.tracking_uri}" in out.lines[outage], \
+                out.lines[outage]
             client.set_registered_model_alias(NAME, "live", "1")   # moved while the watch cannot see it
             out.wait_for("registry error", start=outage + 1, timeout=120)   # still retrying, not given up
             assert proc.poll() is None, "the watch gave up during the outage"
