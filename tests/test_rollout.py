@@ -590,15 +590,15 @@ def _new_follow_version(rig, follow_model: dict) -> str:
 
     first = follow_model["versions"][0]
     client = MlflowClient(tracking_uri=rig.embedded.tracking_uri, registry_uri=rig.embedded.tracking_uri)
-    return client.create_model_version(FOLLOW, source=first["artifact_location"] or first["source"],
-                                       run_id=first["run_id"]).version
+    return str(client.create_model_version(FOLLOW, source=first["artifact_location"] or first["source"],
+                                           run_id=first["run_id"]).version)
 
 
 def _follow_versions(rig) -> list[str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=rig.embedded.tracking_uri, registry_uri=rig.embedded.tracking_uri)
-    return sorted((mv.version for mv in client.search_model_versions(f"name='{FOLLOW}'")), key=int)
+    return sorted((str(mv.version) for mv in client.search_model_versions(f"name='{FOLLOW}'")), key=int)
 
 
 def _answers(rig, version: str, follow_model: dict) -> None:
