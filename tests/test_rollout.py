@@ -5,11 +5,15 @@ in the embedded registry's environment (sqlite + local artifacts: every process 
 files). Serve's HTTP proxy runs on the head only, on a free port; one app (2 replicas of serving.RegistryModel)
 is switched back and forth. Requests go over HTTP from a thread while each rollout runs.
 
-Order matters (one app for the module): hot swap v1 -> v2, failed rollouts (v2 untouched), a rolling redeploy
-v1 -> v2 from a config file, then the watch follows an alias through a registry outage.
+Every test puts the app on the version it starts from itself (ensure_app / a deploy of its own), so each one runs
+alone (`pytest tests/test_rollout.py::test_x`) as well as in any order: hot swap v1 -> v2, failed rollouts (v2
+untouched), a rollout that times out (rolled back), a rolling redeploy v1 -> v2 from a config file and a failed one
+(the file put back byte for byte), the watch following an alias through an outage of a real HTTP tracking server,
+`latest` and a stage.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -45,41 +49,37 @@ def rig(embedded, tmp_path_factory):
     from ray import serve
     from ray.cluster_utils import Cluster
 
+    from prefetch.cluster import clear_desired, connect
+
     env = embedded.env()
     seed = harness.register_seed_versions(env, name=NAME, n_versions=2)   # champion -> v2, stable -> v1
     if ray.is_initialized():
         ray.shutdown()
     root = tmp_path_factory.mktemp("rollout-nodes")
-    cluster = Cluster(initialize_head=False)
     dirs = {}
-    try:
+    # Teardown steps run in reverse, every one of them even if an earlier one failed; a failure is raised (an
+    # error of this fixture), not swallowed.
+    with contextlib.ExitStack() as teardown:
+        cluster = Cluster(initialize_head=False)
+        teardown.callback(cluster.shutdown)
         # Nodes start in the registry's environment (raylets, agents and replicas inherit it, as on a real node).
+        # Each node's dashboard agent on a port of its own: Ray's default (52365) is shared by every Ray head on
+        # this machine, and a second one dies at start-up.
         with harness.mlflow_env(env):
             for name, cpus in (("head", 2), ("worker", 1)):
-                args = dict(num_cpus=cpus, object_store_memory=100 << 20, labels={LABEL: str(root / name)})
+                args = dict(num_cpus=cpus, object_store_memory=100 << 20, labels={LABEL: str(root / name)},
+                            dashboard_agent_listen_port=harness.free_port())
                 if name == "head":
                     args["include_dashboard"] = False
                 node = cluster.add_node(**args)
                 dirs[node.node_id] = root / name
-        from prefetch.cluster import connect
-
         connect(cluster.address)
+        teardown.callback(ray.shutdown)
+        teardown.callback(clear_desired, cluster.address)
         port = harness.free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": LOOPBACK, "port": port})
+        teardown.callback(serve.shutdown)
         yield Rig(cluster, env, seed, f"http://{LOOPBACK}:{port}{ROUTE}", dirs, embedded)
-    finally:
-        try:
-            serve.shutdown()
-        except Exception:
-            pass
-        try:
-            from prefetch.cluster import clear_desired
-
-            clear_desired(cluster.address)
-        except Exception:
-            pass
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.fixture
@@ -140,9 +140,10 @@ def replicas() -> list[dict]:
     return replica_status(APP)
 
 
-def on_version(version: str, n: int = 2):
+def on_version(version: str, n: int = 2, name: str = NAME):
     rows = replicas()
-    ok = len(rows) == n and all(r.get("version") == version for r in rows) and details()["status"] == "RUNNING"
+    ok = (len(rows) == n and all((r.get("name"), r.get("version")) == (name, version) for r in rows)
+          and details()["status"] == "RUNNING")
     return rows if ok else False
 
 
@@ -157,11 +158,30 @@ def wait_for(predicate, timeout: float = 180.0, what: str = "condition", every: 
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
+def ensure_deployed(doc: dict, name: str, version: str) -> list[dict]:
+    """`doc` deployed (declaratively), its 2 replicas on `name` `version`. Here only `args` changes Serve's code
+    version: when they differ from the running app's, Serve replaces the replicas, so wait until none of the old
+    ones is left (they may serve the same version)."""
+    from serving.control.apps import serve_details
+
+    app = (serve_details().get("applications") or {}).get(APP) or {}
+    same = ((app.get("deployed_app_config") or {}).get("args") or {}) == (doc.get("args") or {})
+    old = set() if same or not app else {r["replica"] for r in replicas()}
+    deploy(doc)
+    # A first deploy on a fresh cluster starts Ray workers for every replica: slow on a loaded 2-core machine.
+    return wait_for(lambda: not ({r["replica"] for r in replicas()} & old) and on_version(version, name=name),
+                    timeout=300, what=f"2 replicas on {name} v{version}")
+
+
 def ensure_app(uri: str) -> list[dict]:
     """The app running on `uri` (user_config), 2 replicas on its version."""
-    version = uri.rsplit("/", 1)[1]
-    deploy(app_config(uri))
-    return wait_for(lambda: on_version(version), what=f"2 replicas on v{version}")
+    name, version = uri.removeprefix("models:/").rsplit("/", 1)
+    return ensure_deployed(app_config(uri), name, version)
+
+
+def ensure_file_app(doc: dict, version: str) -> list[dict]:
+    """The app deployed from a config file's entry (the model URI in `args`), 2 replicas on `version`."""
+    return ensure_deployed(doc, NAME, version)
 
 
 def body(rig) -> dict:
@@ -245,7 +265,7 @@ def test_failed_rollouts_leave_the_running_version_untouched(on_rig, tmp_path):
     from serving.control.rollout import RolloutError, rollout
 
     rig = on_rig
-    before = wait_for(lambda: on_version("2"), what="2 replicas on v2")
+    before = ensure_app(f"models:/{NAME}/2")
     config_before = live_user_config()
     broken = _register_broken_version(rig, tmp_path)
     config_file = tmp_path / "serve_config.yaml"
@@ -312,6 +332,74 @@ def test_failed_rollouts_leave_the_running_version_untouched(on_rig, tmp_path):
     assert details()["status"] == "RUNNING"
 
 
+# -- 2b. a replica that cannot report the new version within --timeout: rolled back -----------------------------
+GATED = "prefetch-rollout-gated"
+_GATED_MODEL_CODE = '''\
+"""A pyfunc model whose load waits until its gate file exists (written by tests/test_rollout.py)."""
+import os
+import time
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class GatedModel(PythonModel):
+    def load_context(self, context):
+        gate = context.model_config["gate"]
+        while not os.path.exists(gate):
+            time.sleep(0.2)
+
+    def predict(self, context, model_input, params=None):
+        return [0.0] * len(model_input)
+
+
+mlflow.models.set_model(GatedModel())
+'''
+
+
+def _register_gated_version(rig, gate: Path) -> str:
+    """A real model whose load blocks until `gate` exists: it warms fine (files only), but a replica asked to
+    swap to it cannot report it until the test opens the gate."""
+    import mlflow
+
+    code = gate.with_name("gated_model.py")
+    code.write_text(_GATED_MODEL_CODE)
+    with harness.mlflow_env(rig.env), mlflow.start_run(run_name="gated"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), model_config={"gate": str(gate)},
+                                       registered_model_name=GATED, pip_requirements=["mlflow"])
+    return f"models:/{GATED}/{info.registered_model_version}"
+
+
+def test_rollout_that_times_out_puts_the_previous_config_back(on_rig, tmp_path):
+    rig = on_rig
+    before = ensure_app(f"models:/{NAME}/2")
+    config_before = live_user_config()
+    gate = tmp_path / "gate"
+    gated = _register_gated_version(rig, gate)
+    try:
+        with RequestLoop(rig.url, body(rig), max_requests=3000, pause=0.02) as loop:
+            proc, doc = rollout_cli(rig, "--model-uri", gated, "--no-validate", "--timeout", "8")
+            rolled_back = time.monotonic()
+            time.sleep(1.0)
+        lines = error_lines(proc)
+        assert proc.returncode == 1 and doc["exit_code"] == 1, (proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+        assert "after 8s, 0 of 2 replicas" in lines[0] and "rolled back to the previous config" in lines[0], lines
+        assert doc["ok"] is False and doc["switched"] and doc["rolled_back"], doc
+        print(f"\nrollout to a replica-blocking version with --timeout 8 -> exit 1: {lines[0]}")
+        assert live_user_config() == config_before
+        # The app answered with the version it had, before, during and after the rollout.
+        assert loop.failures() == [], loop.failures()[:5]
+        assert loop.versions() == {"2"} and loop.versions(after=rolled_back) == {"2"}, loop.versions()
+        assert {(r["replica"], r["version"]) for r in replicas()} == {(r["replica"], "2") for r in before}
+    finally:
+        gate.write_text("open")   # the loads the replicas still run end; the rolled-back config is applied after
+    rows = wait_for(lambda: on_version("2") and all(r["error"] is None for r in replicas()) and replicas(),
+                    what="every replica on v2, settled, once the blocked load ended")
+    assert {r["replica"] for r in rows} == {r["replica"] for r in before}
+    assert live_user_config() == config_before
+
+
 # -- 3. rolling redeploy from a config file -------------------------------------------------------------------------
 def _config_text(uri: str) -> str:
     return f"""\
@@ -337,8 +425,7 @@ def test_rollout_redeploy_rolls_new_replicas_under_load_with_zero_failures(on_ri
     config_file = tmp_path / "serve_config.yaml"
     config_file.write_text(_config_text(f"models:/{NAME}/1"))
     # `serve deploy serve_config.yaml`: the app now takes its URI from args (a new code version: new replicas).
-    deploy(yaml.safe_load(config_file.read_text())["applications"][0])
-    before = wait_for(lambda: on_version("1"), what="2 new replicas on v1 from the config file")
+    before = ensure_file_app(yaml.safe_load(config_file.read_text())["applications"][0], "1")
     ids = {r["replica"] for r in before}
     others = wait_for(bystander, what="the bystander app's replica")
     with RequestLoop(rig.url, body(rig), max_requests=2000, pause=0.02) as loop:
@@ -363,12 +450,43 @@ def test_rollout_redeploy_rolls_new_replicas_under_load_with_zero_failures(on_ri
     print(f"\nrolling redeploy v1 -> v2: {len(loop.results)} requests, 0 failed; stages {report['seconds']}")
 
 
+def test_failed_redeploy_rollout_puts_the_config_file_back_byte_for_byte(on_rig, tmp_path):
+    """A rolling redeploy to a version whose replicas cannot load it (no MLmodel; load check skipped): the rollout
+    rolls back, and the file it edited is put back exactly as it was (comments, spacing, no trailing newline)."""
+    import yaml
+
+    rig = on_rig
+    broken = _register_broken_version(rig, tmp_path)
+    config_file = tmp_path / "serve_config.yaml"
+    original = (_config_text(f"models:/{NAME}/1").replace("Serve config for", "Serve  config   for")
+                + "# the end, no newline").encode()
+    config_file.write_bytes(original)
+    ensure_file_app(yaml.safe_load(original)["applications"][0], "1")
+    with RequestLoop(rig.url, body(rig), max_requests=3000, pause=0.02) as loop:
+        proc, doc = rollout_cli(rig, "--model-uri", broken, "--no-validate", "--mode", "redeploy",
+                                "--config", str(config_file))
+        time.sleep(1.0)
+    lines = error_lines(proc)
+    assert proc.returncode == 5, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and "could not load the new version" in lines[0] and "rolled back" in lines[0], lines
+    assert doc["switched"] and doc["rolled_back"], doc
+    print(f"\nfailed rolling redeploy -> exit 5: {lines[0]}")
+    assert config_file.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir() if "serve_config" in p.name) == ["serve_config.yaml"]
+    assert details()["deployed_app_config"]["args"] == {"model_uri": f"models:/{NAME}/1"}
+    assert loop.failures() == [], loop.failures()[:5]
+    assert loop.versions() == {"1"}, loop.versions()
+    wait_for(lambda: on_version("1") and all(r["error"] is None for r in replicas()),
+             what="2 replicas on v1, no swap error, after the roll-back")
+
+
 # -- 4. watch ------------------------------------------------------------------------------------------------------
 class Lines:
     """A subprocess's stderr, line by line, collected by a thread."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, proc: subprocess.Popen | None = None):
         self.lines: list[str] = []
+        self.proc = proc
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -379,56 +497,155 @@ class Lines:
     def wait_for(self, needle: str, timeout: float = 120.0, start: int = 0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            ended = self.proc is not None and self.proc.poll() is not None and not self._thread.is_alive()
             for i, line in enumerate(self.lines[start:], start):
                 if needle in line:
                     return i
+            if ended:   # everything it wrote is in: no point waiting
+                raise AssertionError(f"the process exited ({self.proc.returncode}) with no line holding "
+                                     f"{needle!r}:\n" + "\n".join(self.lines[-30:]))
             time.sleep(0.1)
         raise AssertionError(f"no line with {needle!r} in {timeout:.0f}s:\n" + "\n".join(self.lines[-30:]))
 
+    def first(self, needle: str) -> int:
+        """The index of the first line holding `needle` (the lines are all in)."""
+        return next((i for i, line in enumerate(self.lines) if needle in line), -1)
 
-def test_watch_follows_an_alias_through_a_registry_outage(on_rig):
-    from mlflow import MlflowClient
 
-    rig = on_rig
-    wait_for(lambda: on_version("2"), what="2 replicas on v2")
-    others = bystander()
-    client = MlflowClient(tracking_uri=rig.embedded.tracking_uri, registry_uri=rig.embedded.tracking_uri)
-    client.set_registered_model_alias(NAME, "live", "2")
-    db = rig.embedded.db_path
-    # NullPool: the watch opens the registry's database afresh for every poll (so it sees the outage below).
-    env = {**os.environ, "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool", "COLUMNS": "250"}
-    proc = subprocess.Popen([*PREFETCH, "watch", f"models:/{NAME}@live", "--app", APP, "--interval", "1",
-                             "--max-rollouts", "1", "--address", rig.address], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out = Lines(proc.stderr)
+def _watch(rig, uri: str, tracking_uri: str | None = None) -> tuple[subprocess.Popen, Lines]:
+    """`prefetch watch URI` in a subprocess (poll every second, exits after one rollout); its stderr, line by line."""
+    env = {**os.environ, "COLUMNS": "250"}
+    if tracking_uri is not None:   # the registry too (use_env exported MLFLOW_REGISTRY_URI for the rig's)
+        env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking_uri
+    proc = subprocess.Popen([*PREFETCH, "watch", uri, "--app", APP, "--interval", "1", "--max-rollouts", "1",
+                             "--address", rig.address], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return proc, Lines(proc.stderr, proc)
+
+
+@contextlib.contextmanager
+def _watching(rig, uri: str, tracking_uri: str | None = None):
+    proc, out = _watch(rig, uri, tracking_uri)
     try:
-        out.wait_for("in sync: app serves v2")
-        # A registry outage: the database file is unreadable for a while (swapped for junk), then comes back.
-        saved = db.with_name(db.name + ".saved")
-        os.replace(db, saved)
-        try:
-            db.write_bytes(b"this is not a database" * 100)
-            first_error = out.wait_for("registry error", timeout=60)
-        finally:
-            os.replace(saved, db)
-        moved_at = time.monotonic()
-        client.set_registered_model_alias(NAME, "live", "1")
-        rows = wait_for(lambda: on_version("1"), timeout=300, what="every replica on v1 after the alias moved")
-        seconds = time.monotonic() - moved_at
-        print(f"\nalias moved -> all {len(rows)} replicas on the new version: {seconds:.1f}s "
-              f"(poll interval 1s; outage survived: {out.lines[first_error]!r})")
-        assert proc.wait(timeout=120) == 0, "\n".join(out.lines)
+        yield proc, out
     finally:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(30)
+        print("\n".join(out.lines))
+
+
+def test_watch_follows_an_alias_through_a_tracking_server_outage(on_rig, tmp_path):
+    """The watch asks a real `mlflow server` (over the rig's registry database); the server is stopped, the alias
+    moves meanwhile, the server comes back on the same port: the watch logs the outage, then rolls out."""
+    from mlflow import MlflowClient
+
+    rig = on_rig
+    ensure_app(f"models:/{NAME}/2")
+    others = wait_for(bystander, what="the bystander app's replica")
+    client = MlflowClient(tracking_uri=rig.embedded.tracking_uri, registry_uri=rig.embedded.tracking_uri)
+    client.set_registered_model_alias(NAME, "live", "2")
+    server = harness.RegistryServer(rig.embedded, tmp_path / "server").start()
+    try:
+        with _watching(rig, f"models:/{NAME}@live", server.tracking_uri) as (proc, out):
+            out.wait_for("in sync: app serves v2")
+            server.stop_process()
+            outage = out.wait_for("registry error", timeout=120)
+            assert f"cannot reach the MLflow tracking server at {server.tracking_uri}" in out.lines[outage], \
+                out.lines[outage]
+            client.set_registered_model_alias(NAME, "live", "1")   # moved while the watch cannot see it
+            out.wait_for("registry error", start=outage + 1, timeout=120)   # still retrying, not given up
+            assert proc.poll() is None, "the watch gave up during the outage"
+            assert on_version("2"), "nothing may change while the registry is away"
+            server.restart()
+            back_at = time.monotonic()
+            assert proc.wait(timeout=400) == 0
+            seconds = time.monotonic() - back_at
+            rows = on_version("1")
+            assert rows, replicas()
+    finally:
+        server.stop()
     text = "\n".join(out.lines)
-    print(text)
-    assert "moved: v2 -> v1" in text and "v1 rolled out" in text, text
+    assert outage < out.first("moved: v2 -> v1") < out.first("v1 rolled out"), text
     assert "stopped (max_rollouts): 1 rollouts, 0 failed" in text, text
+    print(f"\nserver back -> all {len(rows)} replicas on the new version: {seconds:.1f}s "
+          f"(outage logged: {out.lines[outage]!r})")
     assert live_user_config()["model_uri"] == f"models:/{NAME}/1"
     assert all(r["from_cache"] for r in rows), rows
     assert bystander() == others
+
+
+# -- watch: `latest` and a stage (a model of their own, so no other test moves them) -------------------------------
+FOLLOW = "prefetch-rollout-follow"
+
+
+@pytest.fixture(scope="module")
+def follow_model(rig) -> dict:
+    return harness.register_seed_versions(rig.env, name=FOLLOW, n_versions=1)
+
+
+def _new_follow_version(rig, follow_model: dict) -> str:
+    """A new registered version of FOLLOW on the first version's files (same predictions, a new version)."""
+    from mlflow import MlflowClient
+
+    first = follow_model["versions"][0]
+    client = MlflowClient(tracking_uri=rig.embedded.tracking_uri, registry_uri=rig.embedded.tracking_uri)
+    return str(client.create_model_version(FOLLOW, source=first["artifact_location"] or first["source"],
+                                           run_id=first["run_id"]).version)
+
+
+def _follow_versions(rig) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=rig.embedded.tracking_uri, registry_uri=rig.embedded.tracking_uri)
+    return sorted((str(mv.version) for mv in client.search_model_versions(f"name='{FOLLOW}'")), key=int)
+
+
+def _answers(rig, version: str, follow_model: dict) -> None:
+    """The app answers over HTTP from FOLLOW `version`, with the test's own model's predictions."""
+    import numpy as np
+    import requests
+
+    r = requests.post(rig.url, json=body(rig), timeout=30)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert (doc["model"], doc["version"]) == (FOLLOW, version), doc
+    np.testing.assert_allclose(doc["predictions"], follow_model["expected"][1][:3], rtol=1e-12)
+
+
+def test_watch_follows_latest(on_rig, follow_model):
+    rig = on_rig
+    newest = _follow_versions(rig)[-1]
+    ensure_app(f"models:/{FOLLOW}/{newest}")
+    with _watching(rig, f"models:/{FOLLOW}/latest") as (proc, out):
+        out.wait_for(f"in sync: app serves v{newest}")
+        registered = _new_follow_version(rig, follow_model)
+        # The watch exits after one rollout, which it counts only once every replica serves the new version.
+        assert proc.wait(timeout=400) == 0
+        assert on_version(registered, name=FOLLOW), replicas()
+    assert f"moved: v{newest} -> v{registered}" in "\n".join(out.lines)
+    assert live_user_config()["model_uri"] == f"models:/{FOLLOW}/{registered}"
+    _answers(rig, registered, follow_model)
+
+
+def test_watch_follows_a_stage(on_rig, follow_model):
+    from mlflow import MlflowClient
+
+    rig = on_rig
+    client = MlflowClient(tracking_uri=rig.embedded.tracking_uri, registry_uri=rig.embedded.tracking_uri)
+    while len(versions := _follow_versions(rig)) < 2:
+        _new_follow_version(rig, follow_model)
+    first, second = versions[-2:]
+    client.transition_model_version_stage(FOLLOW, first, "Staging", archive_existing_versions=True)
+    ensure_app(f"models:/{FOLLOW}/{first}")
+    with _watching(rig, f"models:/{FOLLOW}/Staging") as (proc, out):
+        out.wait_for(f"in sync: app serves v{first}")
+        client.transition_model_version_stage(FOLLOW, second, "Staging", archive_existing_versions=True)
+        assert proc.wait(timeout=400) == 0
+        assert on_version(second, name=FOLLOW), replicas()
+    assert f"moved: v{first} -> v{second}" in "\n".join(out.lines)
+    assert live_user_config()["model_uri"] == f"models:/{FOLLOW}/{second}"
+    _answers(rig, second, follow_model)
 
 
 # -- the config file edit, without Ray -----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ of ray.init(), not the test's.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 import requests
 
 from tests import harness
+from tests.harness.mlflow_server import venv_bin
 from tests.helpers import RequestLoop
 
 NAME = harness.SEED_MODEL_NAME
@@ -26,22 +29,28 @@ pytestmark = pytest.mark.timeout(600)
 def serve_url():
     import ray
     from ray import serve
+    from ray.cluster_utils import Cluster
 
-    # address="local": a fresh instance, never whatever cluster /tmp/ray/ray_current_cluster points at.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=200 << 20,
-             logging_level="WARNING", namespace="prefetch-test-serving")
+    # A fresh head of its own (never whatever cluster /tmp/ray/ray_current_cluster points at), its dashboard agent
+    # on a port of its own: Ray's default (52365) is shared by every Ray head on this machine.
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=8, include_dashboard=False, object_store_memory=200 << 20,
+        dashboard_agent_listen_port=harness.free_port()))
     try:
-        yield start_serve()
-    finally:
+        ray.init(address=cluster.address, logging_level="WARNING", namespace="prefetch-test-serving")
         try:
-            serve.shutdown()
+            yield start_serve()
         finally:
-            ray.shutdown()
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def start_serve(attempts: int = 3) -> str:
     """Serve's HTTP proxy on a free loopback port; a port taken between the pick and the bind (by Ray's own
-    processes or anyone else's on this shared machine) means another pick."""
+    processes or anyone else's on this shared machine) means another pick. Any other failure is raised."""
+    import ray
     from ray import serve
 
     for attempt in range(attempts):
@@ -49,10 +58,10 @@ def start_serve(attempts: int = 3) -> str:
         try:
             serve.start(http_options={"host": LOOPBACK, "port": port})
             return f"http://{LOOPBACK}:{port}"
-        except Exception:
-            serve.shutdown()
-            if attempt == attempts - 1:
+        except ray.exceptions.RayError as e:   # the proxy actor's start failed: only a lost port race is retried
+            if "Failed to bind" not in str(e) or attempt == attempts - 1:
                 raise
+            serve.shutdown()
     raise AssertionError("unreachable")
 
 
@@ -265,6 +274,7 @@ def test_hot_swap_under_load_and_failed_swaps_keep_serving(serve_url, embedded_a
 def _register_broken_version(embedded, tmp_path: Path) -> str:
     """A registered version whose artifacts are not an MLflow model (no MLmodel): warms fine, cannot load."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     junk = embedded.artifacts_dir / f"broken-{tmp_path.name}"
     junk.mkdir(parents=True)
@@ -273,8 +283,9 @@ def _register_broken_version(embedded, tmp_path: Path) -> str:
     name = "serving-broken-model"
     try:
         client.create_registered_model(name)
-    except Exception:
-        pass
+    except MlflowException as e:   # registered by an earlier test of this session: fine, anything else is not
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     mv = client.create_model_version(name, source=junk.as_uri())
     return f"models:/{name}/{mv.version}"
 
@@ -328,3 +339,164 @@ def test_k_replicas_on_one_node_download_once(serve_url, seed_direct, s3, use_en
     assert ours == 1
     assert guide == K
     assert 0.9 * (1 + K) * size <= stats["bytes_out"] < 1.3 * (1 + K) * size   # v1 and v2 differ slightly
+
+
+# --- 4. RegistryModel serving an ONNX conversion, with session options from user_config -------------------
+def test_registry_model_serves_an_onnx_conversion_with_session_options(serve_url, seed_embedded, use_env,
+                                                                       cache_dir):
+    """user_config {format: onnx, session_options: {intra_op_num_threads: 1}}: the replica converts the seed
+    RandomForest once (skl2onnx, float32) and answers over HTTP from the derived model, within the documented
+    default tolerance of the test's own forest: 1e-4 x max(1, max |output|)."""
+    from serving.examples import Model
+
+    use_env(seed_embedded["env"])
+    X = seed_embedded["X_test"]
+    expected = seed_embedded["expected"][1]   # the forest the test trained for v1 (seed 0), not the converter's
+    config = {"model_uri": f"models:/{NAME}/1", "format": "onnx", "session_options": {"intra_op_num_threads": 1}}
+    run_apps((Model.options(num_replicas=1, user_config=config, ray_actor_options={
+        "num_cpus": 0.1, "runtime_env": replica_env(seed_embedded["env"], cache_dir)}).bind(), "onnx", "/onnx"))
+    try:
+        r = post(f"{serve_url}/onnx", {"inputs": X.tolist()})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        info = requests.get(f"{serve_url}/onnx/-/model", timeout=30).json()
+    finally:
+        delete_app("onnx")
+    assert (doc["model"], doc["version"]) == (NAME, "1") and "swap_error" not in doc, doc
+    tolerance = 1e-4 * max(1.0, float(np.max(np.abs(expected))))
+    got = np.asarray(doc["predictions"], dtype=float).reshape(-1)
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) <= tolerance, (np.max(np.abs(got - expected)), tolerance)
+    # ...and it is the conversion that answered, not the native forest (float32 rounding shows).
+    assert not np.array_equal(got, expected)
+    assert info["format"] == "onnx" and info["version"] == "1" and info["error"] is None, info
+    assert info["config"]["session_options"] == {"intra_op_num_threads": 1}, info["config"]
+    derived = Path(info["path"])
+    assert derived.parent.parent == cache_dir / "derived" and derived.name.startswith("onnx-"), derived
+
+
+# --- 5. scripts/serve_config.yaml through the real `serve deploy` CLI, on a real `ray start --head` ---------
+def _serve_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([venv_bin("serve"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _wait_running(address: str, env: dict, app: str, timeout: float = 300.0) -> None:
+    """`serve status` (the real CLI) until the app is RUNNING; DEPLOY_FAILED or a failing CLI fails now."""
+    import yaml
+
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        proc = _serve_cli("status", "--address", address, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        status = ((yaml.safe_load(proc.stdout) or {}).get("applications") or {}).get(app) or {}
+        assert status.get("status") != "DEPLOY_FAILED", status
+        if status.get("status") == "RUNNING":
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"app {app} not RUNNING in {timeout:.0f}s: {status}")
+
+
+def _wait_for_answer(url: str, body: dict, check, timeout: float = 120.0) -> dict:
+    """POST to a RUNNING app until `check(answer)` holds (a hot swap in progress); any non-200 fails now."""
+    deadline = time.monotonic() + timeout
+    doc = None
+    while time.monotonic() < deadline:
+        r = requests.post(url, json=body, timeout=30)
+        assert r.status_code == 200, (r.status_code, r.text)
+        doc = r.json()
+        if check(doc):
+            return doc
+        time.sleep(0.5)
+    raise AssertionError(f"no matching answer from {url} in {timeout:.0f}s (last: {doc!r})")
+
+
+def _ray_start_head(tmp_path: Path, env: dict, attempts: int = 2) -> tuple:
+    """(process, dashboard port, temp dir) of a real `ray start --head --block` with every port and its temp dir of
+    its own, once it says it started. Retried once with fresh ports: on this loaded 2-core machine a raylet may miss
+    Ray's own start-up deadline ("The current node timed out during startup"); the second failure is raised."""
+    import shutil
+    import tempfile
+
+    for attempt in range(attempts):
+        gcs, dashboard, agent, agent_grpc, client_server, metrics, runtime_env, manager, objects = \
+            harness.free_ports(9)
+        temp_dir = tempfile.mkdtemp(prefix="pf-sd-", dir="/tmp")   # short: Ray's socket paths stay under 108 bytes
+        head = harness.ManagedProcess(
+            [venv_bin("ray"), "start", "--head", "--block", "--node-ip-address", LOOPBACK, "--port", str(gcs),
+             "--include-dashboard", "true", "--dashboard-host", LOOPBACK, "--dashboard-port", str(dashboard),
+             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+             "--ray-client-server-port", str(client_server), "--metrics-export-port", str(metrics),
+             "--runtime-env-agent-port", str(runtime_env), "--node-manager-port", str(manager),
+             "--object-manager-port", str(objects), "--temp-dir", temp_dir, "--num-cpus", "2",
+             "--memory", str(4 << 30), "--object-store-memory", str(100 << 20), "--disable-usage-stats"],
+            tmp_path / f"ray-head-{attempt}.log", env=env, cwd=tmp_path, name="ray-head")
+        head.start()
+        deadline = time.monotonic() + 240
+        while "Ray runtime started" not in head.log_tail(200) and head.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if "Ray runtime started" in head.log_tail(200):
+            return head, dashboard, temp_dir
+        head.stop(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if attempt == attempts - 1 or "timed out during startup" not in head.log_tail(200):
+            raise AssertionError(f"ray start --head did not start:\n{head.log_tail()}")
+    raise AssertionError("unreachable")
+
+
+def test_serve_config_yaml_through_serve_deploy_on_a_ray_start_head(seed_embedded, use_env, cache_dir, tmp_path):
+    """The README's way: `ray start --head` (token auth on, since a token exists in ~/.ray), then
+    `RAY_AUTH_MODE=token serve deploy scripts/serve_config.yaml`; without RAY_AUTH_MODE the deploy is refused.
+    Then the hot swap the file describes: model_uri changed under user_config, `serve deploy` again."""
+    import shutil
+
+    from tests.helpers import REPO
+
+    use_env(seed_embedded["env"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}   # HOME: this test's own
+    subprocess.run([venv_bin("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    assert (Path(env["HOME"]) / ".ray" / "auth_token").is_file()
+    config = tmp_path / "serve_config.yaml"
+    text = (REPO / "scripts" / "serve_config.yaml").read_text()
+    assert text.count("port: 8000") == 1
+    http = harness.free_port()
+    config.write_text(text.replace("port: 8000", f"port: {http}"))   # the only change: a free port
+    head, dashboard, temp_dir = _ray_start_head(tmp_path, {**env, "PREFETCH_CACHE_DIR": str(cache_dir)})
+    try:
+        address = f"http://{LOOPBACK}:{dashboard}"
+        refused = _serve_cli("deploy", "--address", address, str(config), env=env)
+        assert refused.returncode != 0 and "Token authentication is enabled" in refused.stderr, \
+            refused.stdout + refused.stderr
+        print(f"\nserve deploy without RAY_AUTH_MODE: exit {refused.returncode}: "
+              f"{(refused.stderr or refused.stdout).strip().splitlines()[-1]}")
+        token_env = {**env, "RAY_AUTH_MODE": "token"}
+        deployed = _serve_cli("deploy", "--address", address, str(config), env=token_env)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        X = seed_embedded["X_test"][:5]
+        url = f"http://{LOOPBACK}:{http}/"
+        champion = seed_embedded["expected"][2][:5]   # @champion is v2
+        _wait_running(address, token_env, "seed")
+        r = requests.post(url, json={"features": X.tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["prediction"], champion, rtol=1e-12)
+        info = requests.get(f"{url}-/model", timeout=30).json()
+        assert (info["model"], info["version"], info["format"]) == (NAME, "2", "native"), info
+        assert Path(info["path"]).parent == cache_dir / "objects"
+
+        # The hot swap the file's comment describes: only model_uri under user_config changes.
+        config.write_text(config.read_text().replace(f"models:/{NAME}@champion", f"models:/{NAME}@stable"))
+        swapped = _serve_cli("deploy", "--address", address, str(config), env=token_env)
+        assert swapped.returncode == 0, swapped.stdout + swapped.stderr
+        stable = seed_embedded["expected"][1][:5]
+        _wait_for_answer(url, {"features": X.tolist()}, lambda d: np.allclose(d["prediction"], stable, rtol=1e-12))
+        deadline = time.monotonic() + 120
+        while (info := requests.get(f"{url}-/model", timeout=30).json())["version"] != "1":
+            assert time.monotonic() < deadline, info
+            time.sleep(0.5)
+        # A reconfigure of a running replica (a new one would have "loaded", not "swapped"), v2 -> v1.
+        last = info["history"][-1]
+        assert (last["event"], last["from"], last["to"]) == ("swapped", "2", "1"), info["history"]
+    finally:
+        head.stop(timeout=30)   # the process group of our own `ray start --block`: its raylet, GCS, workers
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Everything runs on free 127.0.0.1 ports and is stopped on stop()/exit (process groups, atexit).
 """
-from .mlflow_server import EmbeddedRegistry, MlflowServer, start_all, stop_all_servers
+from .mlflow_server import EmbeddedRegistry, MlflowServer, RegistryServer, start_all, stop_all_servers
 from .models import (
     SEED_MODEL_NAME,
     SKOPS_TRUSTED_TYPES,
@@ -25,6 +25,7 @@ __all__ = [
     "LinkProxy",
     "ManagedProcess",
     "MlflowServer",
+    "RegistryServer",
     "SEED_MODEL_NAME",
     "SKOPS_TRUSTED_TYPES",
     "SeaweedS3",

@@ -47,7 +47,7 @@ class MlflowServer:
     def __init__(
         self,
         workdir: str | os.PathLike | None,
-        s3: SeaweedS3,
+        s3: SeaweedS3 | None,
         mode: str = "direct",
         prefix: str | None = None,
         start_timeout: float = 120.0,
@@ -120,12 +120,12 @@ class MlflowServer:
         return env
 
     # --- life cycle ---------------------------------------------------------------------------
-    def begin(self) -> "MlflowServer":
-        """Launch the process without waiting (see wait_ready)."""
+    def begin(self, port: int | None = None) -> "MlflowServer":
+        """Launch the process without waiting (see wait_ready); on a free port unless one is given."""
         if self.process is not None and self.process.alive():
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self._t0 = time.monotonic()
         self.process = ManagedProcess(
             self._argv(), self.workdir / "mlflow-server.log", env=self._server_env(), cwd=self.workdir, name="mlflow"
@@ -156,9 +156,18 @@ class MlflowServer:
     def start(self) -> "MlflowServer":
         return self.begin().wait_ready()
 
-    def stop(self) -> None:
+    def stop_process(self) -> None:
+        """Stop the server process only (an outage): its database, artifacts and port stay for restart()."""
         if self.process is not None:
             self.process.stop()
+
+    def restart(self) -> "MlflowServer":
+        """The server again, on the same port (clients that knew it reconnect), once it is healthy."""
+        self.stop_process()
+        return self.begin(port=self.port).wait_ready()
+
+    def stop(self) -> None:
+        self.stop_process()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -167,6 +176,33 @@ class MlflowServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RegistryServer(MlflowServer):
+    """A real `mlflow server` over an EmbeddedRegistry's sqlite file and artifact dir: the registry the embedded
+    clients see (a Ray cluster's nodes, say), over HTTP for others. Versions keep their file:// sources, which
+    every process on this machine reads directly (--no-serve-artifacts), so no S3 is involved."""
+
+    def __init__(self, registry: EmbeddedRegistry, workdir: str | os.PathLike, start_timeout: float = 240.0):
+        super().__init__(workdir, s3=None, mode="direct", start_timeout=start_timeout)
+        self.registry = registry
+
+    @property
+    def backend_store_uri(self) -> str:
+        return self.registry.tracking_uri
+
+    @property
+    def artifact_root(self) -> str:
+        return self.registry.artifact_root
+
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri, **NO_PHONE_HOME}
+
+    def _server_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+        env.update(NO_PHONE_HOME)
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        return env
 
 
 def stop_all_servers(servers: Iterable["MlflowServer"]) -> None:
