@@ -782,8 +782,7 @@ def test_hot_swap_with_config_writes_the_new_uri_into_the_file(on_rig, tmp_path)
     rig = on_rig
     config_file = tmp_path / "serve_config.yaml"
     config_file.write_text(_user_config_text(f"models:/{NAME}/1"))
-    deploy(yaml.safe_load(config_file.read_text())["applications"][0])
-    before = wait_for(lambda: on_version("1"), what="2 replicas on v1 from the config file")
+    before = ensure_deployed(yaml.safe_load(config_file.read_text())["applications"][0], NAME, "1")
     proc, report = rollout_cli(rig, "--model-uri", f"models:/{NAME}@champion", "--config", str(config_file))
     assert proc.returncode == 0, proc.stderr
     assert report["ok"] and report["mode"] == "user_config" and report["switch"] == "reconfigure"
@@ -794,6 +793,6 @@ def test_hot_swap_with_config_writes_the_new_uri_into_the_file(on_rig, tmp_path)
     assert f"model_uri: models:/{NAME}/{newest}   # kept in step by prefetch rollout" in text, text
     assert text.startswith("# Serve config whose model lives in user_config")
     assert yaml.safe_load(text) == yaml.safe_load(_user_config_text(f"models:/{NAME}/{newest}"))
-    rows = wait_for(lambda: on_version(newest), what=f"the same replicas on v{newest}")
+    rows = wait_for(lambda: on_version(newest, name=NAME), what=f"the same replicas on v{newest}")
     assert {r["replica"] for r in rows} == {r["replica"] for r in before}, "a hot swap keeps the replicas"
     assert live_user_config()["model_uri"] == f"models:/{NAME}/{newest}"
