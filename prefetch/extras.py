@@ -7,7 +7,7 @@ Core (always installed): what loading and serving need, onnxruntime included. Ex
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
 from .errors import BadURI
 
@@ -29,12 +29,15 @@ def install_hint(extras: list[str]) -> str:
 
 
 def require(needs: tuple[tuple[str, str], ...], what: str, uri: str | None = None) -> None:
-    """Import every module of needs; if any is missing, one MissingExtra naming them and the pip command."""
+    """Check every module of needs is installed (found, not imported: a cache hit of a converted model must not
+    pay for importing the converters); if any is missing, one MissingExtra naming them and the pip command."""
     missing: list[tuple[str, str]] = []
     for module, extra in needs:
         try:
-            importlib.import_module(module)
-        except ImportError:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             missing.append((module, extra))
     if missing:
         names = ", ".join(m for m, _ in missing)
