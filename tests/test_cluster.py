@@ -746,6 +746,14 @@ def _kill_session(sid: int) -> None:
             time.sleep(0.2)
 
 
+_PRINT_LABELS = """
+import json, logging, sys
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
+print(json.dumps([n.get("Labels") or {} for n in ray.nodes() if n.get("Alive")]))
+"""
+
+
 def test_node_startup_script_starts_a_head_and_a_worker_that_keep_the_set(mlflow_direct, s3, tmp_path):
     """`scripts/node-startup.sh head` and `... worker HEAD:PORT`: `ray start` with the node's cache dir as its
     label, then `prefetch daemon` in the background; both nodes end up with an agent, their own cache dir and the
@@ -792,6 +800,10 @@ def test_node_startup_script_starts_a_head_and_a_worker_that_keep_the_set(mlflow
         assert status["controller"]["uris"] == [uri]
         for role in dirs:
             assert "desired set declared" in logs[role].read_text()
+        # The cache dir comes from each node's label (the script also sets PREFETCH_CACHE_DIR, to the same dir).
+        labels = subprocess.run([sys.executable, "-c", _PRINT_LABELS, address], env=base_env, capture_output=True,
+                                text=True, timeout=300, check=True).stdout
+        assert sorted(Path(n[LABEL]) for n in json.loads(labels)) == sorted(dirs.values())
     finally:
         for sid in reversed(sessions):
             _kill_session(sid)
