@@ -161,7 +161,7 @@ class Rig:
                 try:
                     node = self.cluster.add_node(**args)
                     break
-                except RuntimeError:        # Ray's "raylet did not start in time"
+                except (RuntimeError, TimeoutError):   # Ray: a raylet that did not start (register) in time
                     if attempt:
                         raise
         self.dirs[node.node_id] = expect or cache_dir
