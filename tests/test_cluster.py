@@ -324,29 +324,75 @@ def test_warm_cluster_puts_a_verified_copy_on_every_node(on_rig, s3):
         assert after["prefetch_objects"] == len(on_disk)
 
 
-def test_killed_agent_is_replaced_healthy_and_finds_its_cache_intact(on_rig, s3):
-    """The real cluster's version of the state machine's rule: a killed agent is dead at the first failed check,
-    replaced (a new actor) and HEALTHY again; its node's disk is all it needed, so nothing is downloaded again."""
+def _counting_wrapper():
+    """The real Ray-backed wrapper, counting the failed health checks each agent answered (to see the rule work)."""
+    from prefetch.cluster import ActorAgentWrapper
+
+    class CountingWrapper(ActorAgentWrapper):
+        def __init__(self, node_id, node_ip=None):
+            super().__init__(node_id, node_ip)
+            self.failed_checks = 0
+
+        def is_healthy(self, timeout_s):
+            answer = super().is_healthy(timeout_s)
+            self.failed_checks += answer is False
+            return answer
+
+    return CountingWrapper
+
+
+def _tick_until(manager, predicate, timeout: float, what: str):
+    """Run the reconcile state machine on the real cluster, one update per 0.2 s, until predicate() holds."""
+    from prefetch.cluster import alive_nodes
+    from prefetch.cluster.node import node_map
+
+    def tick():
+        manager.update(node_map(alive_nodes()))
+        return predicate()
+
+    return _wait_for(tick, timeout, what, poll=0.2)
+
+
+def test_killed_or_failing_agent_is_replaced_healthy_and_finds_its_cache_intact(on_rig, s3):
+    """The state machine's rules on the real cluster (the same AgentStateManager the controller runs): a killed agent
+    is dead at its first failed check and replaced; a live agent failing its health check (its desired-set loop
+    stopped) is replaced after UNHEALTHY_THRESHOLD failed checks in a row. Each replacement is a new actor, HEALTHY,
+    and the node's disk is all it needed: nothing is downloaded again."""
     import ray
 
-    from prefetch.cluster import ensure_agents, get_agent, warm_cluster
+    from prefetch.cluster import AgentStateManager, get_agent, warm_cluster
+    from prefetch.cluster.state import UNHEALTHY_THRESHOLD
 
     assert warm_cluster([_uri(1)], address=on_rig.address)["ok"]         # this test's own setup
-    victim = next(n for n in on_rig.dirs if n != ray.get_runtime_context().get_node_id())
-    old = get_agent(victim)
-    old_id = _actor_id(old)
-    ray.kill(old, no_restart=True)
-    states = ensure_agents(on_rig.address)
-    assert states[victim].status.value == "HEALTHY" and states[victim].wrapper.actor_id != old_id
-    assert all(s.status.value == "HEALTHY" for s in states.values())
-    new = get_agent(victim)
-    assert _actor_id(new) == states[victim].wrapper.actor_id and ray.get(new.ready.remote())["cache_dir"] == str(on_rig.dirs[victim])
+    manager = AgentStateManager(_counting_wrapper())
+    _tick_until(manager, lambda: manager.settled(on_rig.dirs), 180, "every agent to answer")
+    here = ray.get_runtime_context().get_node_id()
+    killed, failing = sorted(n for n in on_rig.dirs if n != here)
+
+    def replaced(node_id, old):
+        state = manager.states.get(node_id)
+        return state if state and state.wrapper is not old and state.status.value == "HEALTHY" else None
+
+    old = manager.states[killed].wrapper
+    ray.kill(old.handle, no_restart=True)
+    state = _tick_until(manager, lambda: replaced(killed, old), 120, "the killed agent to be replaced")
+    assert old.dead and old.failed_checks == 1 and state.restart_count >= 1
+    assert state.wrapper.actor_id != old.actor_id and _actor_id(get_agent(killed)) == state.wrapper.actor_id
+    assert ray.get(get_agent(killed).ready.remote())["cache_dir"] == str(on_rig.dirs[killed])
+
+    old = manager.states[failing].wrapper
+    ray.get(old.handle.shutdown.remote())                                # alive, but check_health() says False
+    state = _tick_until(manager, lambda: replaced(failing, old), 120, "the failing agent to be replaced")
+    assert not old.dead and old.failed_checks == UNHEALTHY_THRESHOLD and state.restart_count >= 1
+    assert "desired-set loop stopped" in state.previous_error and state.wrapper.actor_id != old.actor_id
+    assert all(s.status.value == "HEALTHY" for s in manager.states.values())
+
     before = s3.stats()
     report = warm_cluster([_uri(1)], address=on_rig.address)
     after = s3.stats()
     assert report["ok"], report
     assert all(r["hit"] and r["origin_bytes"] == 0 for r in report["rows"]), report["rows"]
-    print(f"\nafter the kill: origin bytes {after['bytes_out'] - before['bytes_out']}, "
+    print(f"\nafter the replacements: origin bytes {after['bytes_out'] - before['bytes_out']}, "
           f"S3 requests {after['requests'] - before['requests']}")
     assert after["bytes_out"] - before["bytes_out"] == 0 and after["requests"] - before["requests"] == 0
 
