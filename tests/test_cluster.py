@@ -496,10 +496,11 @@ def test_status_shows_a_real_inflight_download_with_progress(on_rig, s3, tmp_pat
 
         def started():
             assert proc.poll() is None, proc.communicate()
-            return any((d / INFLIGHT).is_file() and any(d.rglob("*.part")) for d in staging.glob("*")) \
-                if staging.is_dir() else False
+            # Declared, and some bytes already on disk (allocated blocks: what status counts as done).
+            return any((d / INFLIGHT).is_file() and any(p.stat().st_blocks for p in d.rglob("*.part"))
+                       for d in staging.glob("*")) if staging.is_dir() else False
 
-        _wait_for(started, 120, "the download to start", poll=0.2)
+        _wait_for(started, 120, "the first bytes of the download", poll=0.2)
         status = json.loads(run_cli("status", "--address", on_rig.address, "--json", check=True).stdout)
         human = run_cli("status", "--address", on_rig.address, env=WIDE)
         assert proc.poll() is None, "the download ended before status looked: slow the link down"
