@@ -372,11 +372,17 @@ def test_ray_actor_lease_is_checked_with_ray(cache_dir):
     even if its pid were alive (here: a lease file naming our own live pid and the dead actor)."""
     import ray
 
+    from ray.cluster_utils import Cluster
+
     from prefetch.cluster.compat import register_lease_hooks
+    from tests import harness
 
     register_lease_hooks()   # as the agent and serving.loader do
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # A head of our own, with its own dashboard-agent port: Ray's default (52365) is shared by every head on
+    # the machine, so another test run's cluster would make ours die at start-up.
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=1, include_dashboard=False, dashboard_agent_listen_port=harness.free_port()))
+    ray.init(address=cluster.address, log_to_driver=False)
     try:
         @ray.remote(num_cpus=0)
         class Holder:
@@ -407,3 +413,4 @@ def test_ray_actor_lease_is_checked_with_ray(cache_dir):
         assert lifecycle.active_leases(cache_dir, "other--0123456789abcdef") == [], "Ray says the actor is dead"
     finally:
         ray.shutdown()
+        cluster.shutdown()

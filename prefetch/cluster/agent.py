@@ -336,7 +336,7 @@ class ActorAgentWrapper(AgentWrapper):
 
     def _poll(self, check: str, timeout_s: float) -> tuple[Optional[bool], Any]:
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnschedulableError, RayActorError
+        from ray.exceptions import ActorDiedError, ActorUnschedulableError, RayActorError, RayTaskError
 
         if check not in self._pending:
             self._pending[check] = (getattr(self._handle, check).remote(), time.monotonic())
@@ -356,6 +356,9 @@ class ActorAgentWrapper(AgentWrapper):
             self.error = f"agent died: {one_line(e)}"
         except RayActorError as e:   # unavailable (restarting): not dead, just not answering
             self.error = f"agent unavailable: {one_line(e)}"
+        except RayTaskError as e:    # the agent answered with its own error: name it, not Ray's wrapper line
+            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+            self.error = f"{type(cause).__name__}: {one_line(cause)}"
         except Exception as e:  # noqa: BLE001
             self.error = f"{type(e).__name__}: {one_line(e)}"
         return False, None
