@@ -48,6 +48,11 @@ HASH_BLOCK = 4 << 20
 FLUSH_EVERY = 0.5     # seconds between group commits of the journal
 
 
+def _no_follow(path: str, flags: int) -> int:
+    """open() that never writes through a symlink planted in the staging tree (the store never follows links)."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferConfig:
     max_concurrency: int = 16
@@ -124,7 +129,7 @@ class TransferManager:
             state = _File(entry, data / entry.path, c.chunk_bytes, facts[entry.path])
             state.path.parent.mkdir(parents=True, exist_ok=True)
             done = {i: s for i, s in journal.done(entry.path).items() if i < state.n}
-            with open(state.path, "ab") as f:     # create, keep what the journal vouches for
+            with open(state.path, "ab", opener=_no_follow) as f:     # create, keep what the journal vouches for
                 if f.tell() != entry.size:
                     f.truncate(entry.size)
             state.reset(done)
@@ -255,7 +260,7 @@ class _Run:
         chunk_end = state.bounds(chunk)[1]
         hasher = hashlib.sha256()
         attempt = 0
-        fd = os.open(state.path, os.O_WRONLY)
+        fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             while True:
                 if self.cancelled.is_set():
@@ -382,7 +387,7 @@ class _Run:
                                  f"after {state.attempts} attempts ({why})", self.m.source.uri)
         self.m.restarted.append(state.entry.path)
         self.journal.restart(state.entry.path)
-        with open(state.path, "wb") as f:
+        with open(state.path, "wb", opener=_no_follow) as f:
             f.truncate(state.entry.size)
         with state.lock:
             state.reset({})

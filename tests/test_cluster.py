@@ -477,7 +477,7 @@ def test_a_replica_loads_through_its_nodes_agent(on_rig):
 def test_status_shows_a_real_inflight_download_with_progress(on_rig, s3, tmp_path):
     """A real `prefetch warm` into a node's cache dir, over a link throttled to 1 MiB/s: while it runs, `status`
     shows it in flight (alive, 0 < progress < 1); once it ended, nothing is in flight on that node."""
-    from prefetch.cluster.agent import INFLIGHT
+    from prefetch.store.paths import INFLIGHT
 
     node_id = sorted(on_rig.dirs)[0]
     size = 40 << 20
@@ -497,7 +497,8 @@ def test_status_shows_a_real_inflight_download_with_progress(on_rig, s3, tmp_pat
         def started():
             assert proc.poll() is None, proc.communicate()
             # Declared, and some bytes already on disk (allocated blocks: what status counts as done).
-            return any((d / INFLIGHT).is_file() and any(p.stat().st_blocks for p in d.rglob("*.part"))
+            return any((d / INFLIGHT).is_file() and any(p.stat().st_blocks for p in (d / "data").rglob("*")
+                                                         if p.is_file())
                        for d in staging.glob("*")) if staging.is_dir() else False
 
         _wait_for(started, 120, "the first bytes of the download", poll=0.2)

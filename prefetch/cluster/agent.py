@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from ..config import Settings
-from ..errors import error_fields, one_line
+from ..errors import PrefetchError, error_fields, one_line
 from ..store.lifecycle import inflight_downloads
 from ..store import Store
 from ..store.quarantine import quarantined
@@ -59,14 +59,21 @@ class NodeAgent:
 
     def __init__(self, node_id: str | None = None):
         self.node_id = node_id or current_node_id() or "local"
-        self.settings = Settings.load()    # read once, at agent start: the node's environment does not change
+        # Read once, at agent start (the node's environment does not change). A bad setting must not kill the
+        # actor in its creation task (Ray would report only its own wrapper): ready() raises it, so the node's
+        # table says what is wrong.
+        self._settings_error: PrefetchError | None = None
+        try:
+            self.settings = Settings.load()
+        except PrefetchError as e:
+            self._settings_error, self.settings = e, Settings()
         self.started_at = time.time()
         self._lock = threading.Lock()
         self._recent: collections.deque[dict] = collections.deque(maxlen=RECENT)
         self._active: dict[int, dict] = {}
         self._next_op = 0
         self._metrics_server = None
-        self.metrics_url = self._start_metrics()
+        self.metrics_url = None if self._settings_error else self._start_metrics()
         self._desired = DesiredSetLoop(lambda uri, format, settings: self._row(uri, format, None, "daemon", settings),
                                        self.settings)
 
@@ -105,6 +112,8 @@ class NodeAgent:
         return None
 
     def ready(self) -> dict:
+        if self._settings_error is not None:
+            raise self._settings_error
         return self._identity()
 
     def check_health(self) -> bool:
