@@ -36,22 +36,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from tests import harness  # noqa: E402  (the same real-server harness the tests use)
 
 MiB = 1 << 20
-LINKS = {"loopback": (0.0, None), "far": (0.020, 64 * MiB)}
-
-
-def start_serve(attempts: int = 3) -> str:
-    from ray import serve
-
-    for attempt in range(attempts):
-        port = harness.free_port()
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            return f"http://127.0.0.1:{port}"
-        except Exception:
-            serve.shutdown()
-            if attempt == attempts - 1:
-                raise
-    raise RuntimeError("unreachable")
+LINKS = harness.LINKS
 
 
 def deploy(app, name: str) -> float:
@@ -158,7 +143,7 @@ def main() -> None:
         harness.apply_env(server.env())
         ray.init(address="local", num_cpus=8, include_dashboard=False, object_store_memory=200 << 20,
                  logging_level="ERROR", log_to_driver=False, namespace="bench-coldstart")
-        start_serve()
+        harness.start_serve()
         # Warm-up: the first replicas on a machine pay for cold imports (page cache); nobody's figures should.
         smallest = min(sizes)
         run_one("cold", uris[smallest][0], smallest, 1, s3, env, cache)

@@ -37,7 +37,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from tests import harness  # noqa: E402  (the same real-server harness the tests use)
 
 MiB = 1 << 20
-LINKS = {"loopback": (0.0, None), "far": (0.020, 64 * MiB)}
+LINKS = harness.LINKS
 HEADER = "serve_multiplexed_model_id"
 TEMPLATE = "models:/{model_id}@champion"
 BODY = {"dataframe_split": {"columns": ["x"], "data": [[0.0]]}}
@@ -142,7 +142,7 @@ def main() -> None:
         harness.apply_env(server.env())
         ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 << 20,
                  logging_level="ERROR", log_to_driver=False, namespace="bench-multiplex")
-        base = start_serve()
+        base = harness.start_serve()
         from ray import serve
 
         from serving import MultiplexedModel
@@ -178,21 +178,6 @@ def _alias(env: dict, name: str, version) -> None:
 
     with harness.mlflow_env(env):
         MlflowClient().set_registered_model_alias(name, "champion", str(version))
-
-
-def start_serve(attempts: int = 3) -> str:
-    from ray import serve
-
-    for attempt in range(attempts):
-        port = harness.free_port()
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            return f"http://127.0.0.1:{port}"
-        except Exception:
-            serve.shutdown()
-            if attempt == attempts - 1:
-                raise
-    raise RuntimeError("unreachable")
 
 
 def report(results: dict, args, model_bytes: int) -> None:

@@ -93,22 +93,36 @@ def translate(error: Exception, uri: str, what: str) -> Exception:
     return error
 
 
-class S3Source:
+class S3Prefix:
+    """What both S3 transports share: the bucket and prefix a URI names, the origin's identity (the same for both,
+    so switching transports keeps the cache), and the exact key + ETag of every listed path: a listing's key is
+    fetched as listed, never re-built from the normalised path ('a//b' and 'a/b' are different objects), and
+    every GET is pinned to the ETag (If-Match), so all ranges of a file come from one version of it."""
+
     supports_ranges = True
 
-    def __init__(self, uri: str, settings: Settings):
+    def __init__(self, uri: str):
         parsed = urlparse(uri)
         self.uri = uri
         self.bucket = parsed.netloc
         self.prefix = parsed.path.lstrip("/").rstrip("/")
-        self.client = s3_client(settings)
         self._single = False  # the URI names one object, not a prefix
-        # path -> (the origin's exact key, its ETag): a listing's key is fetched as listed, never re-built from
-        # the normalised path ('a//b' and 'a/b' are different objects), and every GET is pinned to the ETag.
         self._keys: dict[str, tuple[str, str | None]] = {}
 
     def identity(self) -> dict:
         return {"origin": "s3", "endpoint": endpoint_url() or "aws", "bucket": self.bucket}
+
+    def _key(self, path: str) -> tuple[str, str | None]:
+        if path in self._keys:
+            return self._keys[path]
+        # Not listed by this instance (a repair of files named by a manifest): the path is the key's tail.
+        return (self.prefix if self._single else (f"{self.prefix}/{path}" if self.prefix else path)), None
+
+
+class S3Source(S3Prefix):
+    def __init__(self, uri: str, settings: Settings):
+        super().__init__(uri)
+        self.client = s3_client(settings)
 
     def list(self) -> list[FileEntry]:
         prefix = f"{self.prefix}/" if self.prefix else ""
@@ -136,12 +150,6 @@ class S3Source:
         except Exception as e:  # noqa: BLE001 - translated, or re-raised as is
             raise translate(e, self.uri, "listing") from None
         return sorted(entries, key=lambda f: f.path)
-
-    def _key(self, path: str) -> tuple[str, str | None]:
-        if path in self._keys:
-            return self._keys[path]
-        # Not listed by this instance (a repair of files named by a manifest): the path is the key's tail.
-        return (self.prefix if self._single else (f"{self.prefix}/{path}" if self.prefix else path)), None
 
     def origin_facts(self, entry: FileEntry) -> OriginFacts:
         """What S3 says about the content. A single-part ETag is the MD5 already (no request); a multipart one is

@@ -15,12 +15,11 @@ import re
 import threading
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
-from urllib.parse import urlparse
 
 from ..config import Settings
 from ..errors import NotFound, OriginChanged, Unreachable
 from .base import FileEntry, TransientError, safe_relpath
-from .s3 import endpoint_url
+from .s3 import S3Prefix, endpoint_url
 
 # read() yields blocks of at least this size as they arrive (the last may be shorter): the engine's offset follows
 # the socket, so a reset mid-range is resumed from the byte reached, and memory stays a few blocks per request.
@@ -172,23 +171,10 @@ def _first_line(text: str, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-class NativeS3Source:
-    supports_ranges = True
-
+class NativeS3Source(S3Prefix):
     def __init__(self, uri: str, settings: Settings):
-        parsed = urlparse(uri)
-        self.uri = uri
-        self.bucket = parsed.netloc
-        self.prefix = parsed.path.lstrip("/").rstrip("/")
+        super().__init__(uri)
         self.store = s3_store(self.bucket, settings, uri)
-        self._single = False  # the URI names one object, not a prefix
-        # path -> (the origin's exact key, its ETag): a key is fetched as listed, and every GET of it is pinned to
-        # the listed ETag (If-Match) so all ranges of a file come from one version of it.
-        self._keys: dict[str, tuple[str, str | None]] = {}
-
-    def identity(self) -> dict:
-        # The same identity as the boto3 transport: switching transports keeps the cache.
-        return {"origin": "s3", "endpoint": endpoint_url() or "aws", "bucket": self.bucket}
 
     def list(self) -> list[FileEntry]:
         import obstore
@@ -214,12 +200,6 @@ class NativeS3Source:
         except Exception as e:  # noqa: BLE001 - translated, or re-raised as is
             raise translate(e, self.uri, "listing") from None
         return sorted(entries, key=lambda f: f.path)
-
-    def _key(self, path: str) -> tuple[str, str | None]:
-        if path in self._keys:
-            return self._keys[path]
-        # Not listed by this instance (a repair of files named by a manifest): the path is the key's tail.
-        return (self.prefix if self._single else (f"{self.prefix}/{path}" if self.prefix else path)), None
 
     def _get(self, key: str, start: int, end: int | None, if_match: str | None):
         import obstore

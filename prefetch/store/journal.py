@@ -26,20 +26,14 @@ import os
 import threading
 from pathlib import Path
 
+from .store import fsync_dir
+
 JOURNAL = "journal.jsonl"
 FORMAT_VERSION = 1
 
 
 def layout_of(size: int, etag: str | None, version_id: str | None, chunk_bytes: int) -> dict:
     return {"size": int(size), "etag": etag or None, "version_id": version_id or None, "chunk_bytes": int(chunk_bytes)}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -80,7 +74,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def _read(self) -> tuple[dict, dict[str, dict[int, str]]]:

@@ -333,12 +333,8 @@ def candidates(store: Store, protect: Iterable[str] = ()) -> list[Candidate]:
 def evict(store: Store, key: str) -> int | None:
     """Remove one object and its derived artifacts if nobody holds it. Returns bytes freed, or None if skipped
     (its lock is busy, or it is pinned or leased). The caller counts it (metrics.record_eviction)."""
-    from filelock import Timeout
-
-    lock = store.lock(key, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
+    lock = store.try_lock(key)
+    if lock is None:
         return None
     try:
         if is_pinned(store, key) or active_leases(store, key):

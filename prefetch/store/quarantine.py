@@ -50,12 +50,8 @@ def parse_manifest(text: str, manifest_cls):
 def quarantine(store, key: str, reason: str) -> Path | None:
     """Move objects/<key> (and what was derived from it) to quarantine/; returns where it went, or None if the
     key's lock is busy or the object is already gone."""
-    from filelock import Timeout
-
-    lock = store.lock(key, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
+    lock = store.try_lock(key)
+    if lock is None:
         return None
     try:
         src = store.paths.object_dir(key)

@@ -176,6 +176,17 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(path), timeout=timeout)
 
+    def try_lock(self, name: str):
+        """The lock, held, if nobody else holds it; else None (eviction and quarantine skip a busy key)."""
+        from filelock import Timeout
+
+        lock = self.lock(name, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return None
+        return lock
+
     def staging_for(self, key: str) -> Path:
         """Staging dir for key. Call with the key's lock held. Reuses a dir left by a killed process, so what its
         journal vouches for resumes (prefetch/store/journal.py); extra leftovers are removed."""

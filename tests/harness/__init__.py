@@ -19,9 +19,11 @@ from .ports import free_port, free_ports
 from .procs import ManagedProcess, stop_all
 from .proxy import LinkProxy
 from .seaweed import SeaweedS3, find_weed
+from .serve import LINKS, start_serve
 
 __all__ = [
     "EmbeddedRegistry",
+    "LINKS",
     "LinkProxy",
     "ManagedProcess",
     "MlflowServer",
@@ -39,6 +41,7 @@ __all__ = [
     "reset_mlflow_uris",
     "restore_env",
     "start_all",
+    "start_serve",
     "stop_all_servers",
     "stop_all",
     "train_seed_model",
