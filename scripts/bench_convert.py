@@ -26,9 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from benchkit import REPO  # noqa: E402  (the repo on sys.path, no telemetry)
 
 import numpy as np  # noqa: E402
 

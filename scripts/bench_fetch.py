@@ -29,9 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from benchkit import REPO  # noqa: E402  (the repo on sys.path, no telemetry)
 
 MiB = 1 << 20
 NAME = "bench-fetch-model"

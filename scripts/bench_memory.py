@@ -28,10 +28,7 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from benchkit import REPO  # noqa: E402  (the repo on sys.path, no telemetry)
 
 from tests import harness  # noqa: E402  (the same real-registry harness the tests use)
 

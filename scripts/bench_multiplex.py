@@ -29,10 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from benchkit import REPO  # noqa: E402  (the repo on sys.path, no telemetry)
 
 from tests import harness  # noqa: E402  (the same real-server harness the tests use)
 
@@ -161,15 +158,7 @@ def main() -> None:
             results[app]["burst_s"] = burst(url, burst_ids)
             print(f"  {app}: done", flush=True)
     finally:
-        if ray.is_initialized():
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
-        if server is not None:
-            server.stop()
-        s3.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        harness.stop_bench(server, s3, work)
     report(results, args, model_bytes)
 
 

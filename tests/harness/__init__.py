@@ -19,7 +19,7 @@ from .ports import free_port, free_ports
 from .procs import ManagedProcess, stop_all
 from .proxy import LinkProxy
 from .seaweed import SeaweedS3, find_weed
-from .serve import LINKS, start_serve
+from .serve import LINKS, start_serve, stop_bench
 
 __all__ = [
     "EmbeddedRegistry",
@@ -44,6 +44,7 @@ __all__ = [
     "start_serve",
     "stop_all_servers",
     "stop_all",
+    "stop_bench",
     "train_seed_model",
     "write_random_file",
 ]

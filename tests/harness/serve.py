@@ -23,3 +23,20 @@ def start_serve(attempts: int = 3) -> str:
             if attempt == attempts - 1:
                 raise
     raise RuntimeError("unreachable")
+
+
+def stop_bench(server, s3, work) -> None:
+    """A benchmark's teardown: Serve and Ray if this process started them, the registry and S3 servers, its dir."""
+    import shutil
+
+    import ray
+
+    if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    if server is not None:
+        server.stop()
+    s3.stop()
+    shutil.rmtree(work, ignore_errors=True)
