@@ -28,6 +28,8 @@ bench: venv
 	$(BIN)/python scripts/bench_fetch.py
 	$(BIN)/python scripts/bench_coldstart.py
 	$(BIN)/python scripts/bench_convert.py
+	$(BIN)/python scripts/bench_memory.py
+	$(BIN)/python scripts/bench_multiplex.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
