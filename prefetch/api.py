@@ -20,9 +20,8 @@ from .config import Settings, human_bytes
 from .errors import IntegrityError, NoSpace, TransientOrUnreachable
 from .integrity import OriginChanged
 from .redact import redact_obj, redact_uri
-from .store import records
+from .store import MANIFEST, Manifest, Store, allocated_bytes, lifecycle, records
 from .store.staging import data_dir
-from .store import MANIFEST, Manifest, Store, allocated_bytes, lifecycle
 from .store.lifecycle import Lease
 from .transfer import TransferConfig, TransferManager
 from .uri import Resolved, identify, locate, resolve  # noqa: F401  (resolve is re-exported)
@@ -65,7 +64,8 @@ def warm(uri: str, format: str = "native", *, settings: Settings | None = None, 
             changed = e
             continue
         if attempt:
-            note = f"the origin changed during the download ({changed.message}); listed again and fetched the new content"
+            note = (f"the origin changed during the download ({changed.message}); "
+                    "listed again and fetched the new content")
             warmed = dataclasses.replace(warmed, resolved=dataclasses.replace(
                 warmed.resolved, note="; ".join(filter(None, [warmed.resolved.note, note]))))
         return warmed
