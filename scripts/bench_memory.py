@@ -39,13 +39,8 @@ MODEL_NAME = "bench-memory-mlp"
 def register_mlp(env: dict, width: int) -> tuple[str, int]:
     import mlflow
     import numpy as np
-    import torch
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(32, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                              torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(),
-                              torch.nn.Linear(width, 4)).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    net, weight_bytes = harness.models.torch_mlp(width)
     X = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
     with harness.mlflow_env(env), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -46,14 +46,17 @@ def objects_in(cache: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
-class RequestLoop:
-    """A bounded loop of HTTP requests from a thread: every answer (or failure) recorded with its send time."""
+class Background:
+    """A `with` block that runs self._run() in a daemon thread meanwhile, told to stop (self._stop) at the end."""
 
-    def __init__(self, url: str, body: dict, max_requests: int, pause: float):
-        self.url, self.body, self.max_requests, self.pause = url, body, max_requests, pause
-        self.results: list[tuple[float, int, str | None, str | None]] = []   # (sent_at, status, version, error)
+    join_timeout = 60.0
+
+    def __init__(self):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
     def __enter__(self):
         self._thread.start()
@@ -61,7 +64,16 @@ class RequestLoop:
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join(60)
+        self._thread.join(self.join_timeout)
+
+
+class RequestLoop(Background):
+    """A bounded loop of HTTP requests from a thread: every answer (or failure) recorded with its send time."""
+
+    def __init__(self, url: str, body: dict, max_requests: int, pause: float):
+        self.url, self.body, self.max_requests, self.pause = url, body, max_requests, pause
+        self.results: list[tuple[float, int, str | None, str | None]] = []   # (sent_at, status, version, error)
+        super().__init__()
 
     def _run(self) -> None:
         session = requests.Session()

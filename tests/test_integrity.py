@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import prefetch
 from prefetch.store import sha256_file
 from tests import harness
-from tests.helpers import PREFETCH, REPO, cli_json, objects_in, run_cli
+from tests.helpers import PREFETCH, REPO, Background, cli_json, objects_in, run_cli
 
 MiB = 1 << 20
 # The last commit before this issue's transfer: its behaviour is what the memory test compares against.
@@ -139,21 +138,14 @@ def test_peak_memory_is_bounded_by_the_window_not_the_model(s3, proxy, cache_dir
 
 
 # -- B. a resume journal tied to what it describes -----------------------------------------------------------------
-class PartialReader:
+class PartialReader(Background):
     """Polls objects/ from a thread: any committed tree must be whole (manifest + every file at its size)."""
+
+    join_timeout = 10.0
 
     def __init__(self, cache: Path):
         self.cache, self.seen, self.partial = cache, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__()
 
     def _run(self) -> None:
         while not self._stop.is_set():

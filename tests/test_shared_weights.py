@@ -66,11 +66,7 @@ def big_mlp(embedded, tmp_path_factory):
     import mlflow
     import torch
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(32, WIDTH), torch.nn.ReLU(), torch.nn.Linear(WIDTH, WIDTH),
-                              torch.nn.ReLU(), torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU(),
-                              torch.nn.Linear(WIDTH, 4)).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    net, weight_bytes = harness.models.torch_mlp(WIDTH)
     X = np.random.default_rng(3).normal(size=(64, 32)).astype(np.float32)
     with harness.mlflow_env(embedded.env()), warnings.catch_warnings():
         warnings.simplefilter("ignore")

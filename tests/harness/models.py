@@ -316,3 +316,15 @@ def register_large_model(
         return rec
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def torch_mlp(width: int, seed: int = 0):
+    """(net, weight bytes): the MLP the shared-weights tests and the memory benchmark log, 32 -> width -> width ->
+    width -> 4, float32, in eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(32, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                              torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(),
+                              torch.nn.Linear(width, 4)).eval()
+    return net, sum(p.numel() * p.element_size() for p in net.parameters())
