@@ -37,6 +37,10 @@ def manifest_in(tree: Path) -> Path:
     return tree / MANIFEST
 
 
+# The store's top-level directories (created and checked together by trust.prepare).
+TOP_DIRS = ("objects", "derived", "refs", "staging", "locks", "pins", "leases", "quarantine", "trash", "profiles")
+
+
 @dataclasses.dataclass(frozen=True)
 class StorePaths:
     """Path arithmetic for the store, in one place. No I/O."""

@@ -19,7 +19,6 @@ import time
 import uuid
 from pathlib import Path
 
-QUARANTINE = "quarantine"
 REASON = ".quarantine.json"
 MANIFEST_FORMAT = 1        # the newest manifest `version` this code reads
 
@@ -57,14 +56,14 @@ def quarantine(store, key: str, reason: str) -> Path | None:
         src = store.paths.object_dir(key)
         if not src.is_dir() or src.is_symlink():
             return None
-        dest = store.root / QUARANTINE / f"{key}.{uuid.uuid4().hex[:8]}"
+        dest = store.paths.quarantine() / f"{key}.{uuid.uuid4().hex[:8]}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             head = (src / ".prefetch.json").read_bytes()[:200].decode("utf-8", "replace")
         except OSError:
             head = ""
         os.rename(src, dest)     # atomic: readers see the object or a miss, never a half-moved tree
-        derived = store.root / "derived" / key
+        derived = store.paths.derived_key_dir(key)
         if derived.is_dir():
             os.rename(derived, dest.with_name(dest.name + ".derived"))
         try:
@@ -80,7 +79,7 @@ def quarantine(store, key: str, reason: str) -> Path | None:
 
 def quarantined(store) -> list[dict]:
     """What quarantine/ holds: key, reason, at, path (newest first)."""
-    root = store.root / QUARANTINE
+    root = store.paths.quarantine()
     if not root.is_dir():
         return []
     out = []

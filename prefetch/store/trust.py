@@ -19,10 +19,10 @@ import stat
 from pathlib import Path
 
 from ..errors import BadURI
+from .paths import TOP_DIRS
 
 SHARED_GROUP_ENV = "PREFETCH_SHARED_GROUP"
 # Top-level directories of the store (DESIGN.md "Node-local store").
-SUBDIRS = ("objects", "derived", "refs", "staging", "locks", "pins", "leases", "quarantine", "trash", "profiles")
 
 
 class UntrustedCacheDir(BadURI):
@@ -77,7 +77,7 @@ def prepare(root: Path) -> None:
     """Create the root and its top-level dirs with safe modes (when missing), then check every one of them."""
     gid = shared_gid()
     mode = dir_mode()
-    for path in (root, *(root / d for d in SUBDIRS)):
+    for path in (root, *(root / d for d in TOP_DIRS)):
         created = False
         if not os.path.lexists(path):
             try:
