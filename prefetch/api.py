@@ -27,6 +27,9 @@ from .transfer import TransferConfig, TransferManager
 from .uri import Resolved, identify, locate, resolve  # noqa: F401  (resolve is re-exported)
 
 Progress = Callable[[int, int], None]   # (bytes done, bytes total), called from worker threads
+# Builds the Source a miss reads through so chunks can come from other nodes (prefetch/cluster/peers.py):
+# (key, origin source, listing, staging data dir, chunk bytes) -> a Source, or None for the origin alone.
+Peers = Callable[[str, object, list, Path, int], object]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +42,28 @@ class Warmed:
     format: str = "native"
     seconds: float = 0.0
     origin_bytes: int = 0      # bytes this call pulled from the origin
+    peer_bytes: int = 0        # bytes this call got from other nodes' agents instead
     source_path: Path | None = None   # the native object, when path is a derived one
 
     def to_dict(self) -> dict:
         return redact_obj({"uri": self.resolved.uri, "key": self.key, "path": str(self.path), "bytes": self.bytes,
                 "from_cache": self.from_cache, "format": self.format, "seconds": round(self.seconds, 4),
-                "origin_bytes": self.origin_bytes, "name": self.resolved.name, "version": self.resolved.version,
+                "origin_bytes": self.origin_bytes, "peer_bytes": self.peer_bytes, "name": self.resolved.name, "version": self.resolved.version,
                 "run_id": self.resolved.run_id, "model_id": self.resolved.model_id,
                 "offline": self.resolved.offline, "note": self.resolved.note})
 
 
 def warm(uri: str, format: str = "native", *, settings: Settings | None = None, progress: Progress | None = None,
-         convert_options: dict | None = None) -> Warmed:
-    """Make uri's artifacts present on this node's disk (once per node, whatever the number of callers)."""
+         convert_options: dict | None = None, peers: Peers | None = None) -> Warmed:
+    """Make uri's artifacts present on this node's disk (once per node, whatever the number of callers).
+
+    peers: how a miss may get chunks from other nodes (the node agent passes prefetch.cluster.peers'); None: the
+    origin only."""
     settings = settings or Settings.load()
     started = time.monotonic()
     for attempt in range(ORIGIN_RESTARTS + 1):
         try:
-            warmed = _warm(uri, format, settings, progress, convert_options, started)
+            warmed = _warm(uri, format, settings, progress, convert_options, started, peers)
         except OriginChanged as e:
             # The listing changed while we downloaded (a key that hashes the listing): identify it again.
             if attempt == ORIGIN_RESTARTS:
@@ -73,14 +80,14 @@ def warm(uri: str, format: str = "native", *, settings: Settings | None = None, 
 
 
 def _warm(uri: str, format: str, settings: Settings, progress: Progress | None, convert_options: dict | None,
-          started: float) -> Warmed:
+          started: float, peers: Peers | None = None) -> Warmed:
     store = Store(settings.cache_dir)
     resolved = identify(uri, settings, store)
     # A conversion reads the native object after this returns: lease it first so eviction cannot take it.
     lease = Lease.acquire(store, resolved.key, holder=f"warm --format {format}") if format != "native" else None
     try:
         manifest = store.lookup(resolved.key)
-        origin_bytes, fetched = 0, False
+        got, fetched = None, False
         if manifest is None:
             from .store.locks import key_lock
 
@@ -89,19 +96,22 @@ def _warm(uri: str, format: str, settings: Settings, progress: Progress | None, 
                 if manifest is None:
                     metrics.record_miss()
                     fetch_started = time.monotonic()
-                    manifest, origin_bytes, restarted = _fetch(resolved, settings, store, progress)
-                    if restarted:
-                        note = f"fetched again from scratch (changed at the origin or failed its check): " \
-                               f"{', '.join(sorted(set(restarted)))}"
-                        resolved = dataclasses.replace(resolved, note="; ".join(filter(None, [resolved.note, note])))
-                    metrics.record_download(time.monotonic() - fetch_started, origin_bytes)
+                    got = _fetch(resolved, settings, store, progress, peers)
+                    manifest = got.manifest
+                    notes = list(got.notes)
+                    if got.restarted:
+                        notes.append(f"fetched again from scratch (changed at the origin or failed its check): "
+                                     f"{', '.join(sorted(set(got.restarted)))}")
+                    if notes:
+                        resolved = dataclasses.replace(resolved, note="; ".join(filter(None, [resolved.note, *notes])))
+                    metrics.record_download(time.monotonic() - fetch_started, got.origin_bytes)
                     fetched = True
         if not fetched:
             metrics.record_hit()
         resolved = _complete(resolved, manifest)
         path = store.paths.object_dir(resolved.key)
         warmed = Warmed(path, resolved.key, manifest.bytes, not fetched, resolved, "native",
-                        time.monotonic() - started, origin_bytes)
+                        time.monotonic() - started, got.origin_bytes if got else 0, got.peer_bytes if got else 0)
         if format != "native":
             from .convert import ensure_converted
 
@@ -125,14 +135,29 @@ def _complete(resolved: Resolved, manifest: Manifest) -> Resolved:
 ORIGIN_RESTARTS = 3   # listings taken again when objects change under us, before giving up (exit 4)
 
 
-def _fetch(resolved: Resolved, settings: Settings, store: Store,
-           progress: Progress | None) -> tuple[Manifest, int, list[str]]:
-    """Miss path, with the key's lock held: locate, check space, download into staging, commit.
+@dataclasses.dataclass
+class _Fetched:
+    manifest: Manifest | None = None
+    origin_bytes: int = 0
+    peer_bytes: int = 0
+    restarted: list[str] = dataclasses.field(default_factory=list)   # files fetched again from scratch
+    notes: list[str] = dataclasses.field(default_factory=list)       # what the peers said (routed around...)
 
-    Returns the manifest, the bytes pulled from the origin, and the files fetched again from scratch."""
+    def add(self, counter: "_Counter", manager: TransferManager, peer) -> None:
+        peer_bytes = getattr(peer, "peer_bytes", 0)
+        self.peer_bytes += peer_bytes
+        self.origin_bytes += counter.fetched - peer_bytes
+        self.restarted += manager.restarted
+        self.notes += [n for n in getattr(peer, "notes", []) if n not in self.notes]
+
+
+def _fetch(resolved: Resolved, settings: Settings, store: Store, progress: Progress | None,
+           peers: Peers | None = None) -> _Fetched:
+    """Miss path, with the key's lock held: locate, check space, download into staging (through the peers when
+    given), commit."""
     staging = store.staging_for(resolved.key)
-    restarted: list[str] = []
-    fetched = 0
+    got = _Fetched()
+    peer = None
     try:
         for attempt in range(ORIGIN_RESTARTS + 1):
             source, files, resolved = locate(resolved, settings)
@@ -143,12 +168,15 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
             store.paths.inflight(staging).write_text(json.dumps(inflight))
             records.keep_alive(store.paths.inflight(staging), inflight["ttl"])   # expires if we die or freeze
             counter = _Counter(total, progress)
-            manager = TransferManager(source, TransferConfig.from_settings(settings), [counter])
+            peer = peers(resolved.key, source, files, data_dir(staging), settings.chunk_bytes) if peers else None
+            manager = TransferManager(peer or source, TransferConfig.from_settings(settings), [counter])
             try:
                 entries = manager.download(files, staging)
             except OriginChanged:
-                fetched += counter.fetched
-                restarted += manager.restarted
+                got.add(counter, manager, peer)
+                if peer is not None:
+                    peer.close()
+                    peer = None
                 if attempt == ORIGIN_RESTARTS or "files" in resolved.identity:
                     # The key is a hash of the listing (s3://, mlflow-artifacts:/, paths): new content is a new
                     # key, so the whole warm starts again from identify (warm() does it); this staging is moot.
@@ -158,8 +186,7 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
                 # to the old version of each changed file, the rest resumes.
                 resolved = dataclasses.replace(resolved, files=None, source=None)
                 continue
-            fetched += counter.fetched
-            restarted += manager.restarted
+            got.add(counter, manager, peer)
             break
         records.release(store.paths.inflight(staging))
         store.paths.inflight(staging).unlink()
@@ -170,8 +197,13 @@ def _fetch(resolved: Resolved, settings: Settings, store: Store,
             files=entries, created_at=time.time())
         store.commit(data_dir(staging), manifest)
         store.discard_staging(staging)
-        return manifest, fetched, restarted
+        if peer is not None:
+            peer.close(entries)     # a holder of every chunk from now on, served from objects/
+        got.manifest = manifest
+        return got
     except BaseException as e:
+        if peer is not None:
+            peer.close()
         records.release(store.paths.inflight(staging))
         # The journal makes any staged byte safe to resume from: keep the staging dir when the origin cut us
         # off or the user pressed ^C; anything else (bad listing, no space, integrity) leaves nothing behind.

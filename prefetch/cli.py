@@ -122,6 +122,8 @@ def warm(
     format: Format = NATIVE,
     cluster: bool = typer.Option(False, "--cluster", help="Warm on every node of the Ray cluster (one agent per node)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (with --cluster); default: RAY_ADDRESS or auto."),
+    no_peers: bool = typer.Option(False, "--no-peers", help="With --cluster: every node downloads from the origin "
+                                  "(default: one origin download, chunks shared between nodes; also PREFETCH_PEERS=0)."),
     tolerance: Tolerance = None,
     as_json: AsJson = False,
 ) -> None:
@@ -131,7 +133,7 @@ def warm(
     check_format(format)
     options = {"tolerance": tolerance} if tolerance is not None else {}
     if cluster:
-        return _warm_cluster(uris, format, address, options, as_json)
+        return _warm_cluster(uris, format, address, options, as_json, peers=not no_peers)
     from rich.markup import escape
 
     from .api import warm as warm_one
@@ -155,10 +157,10 @@ def warm(
         raise typer.Exit(exit_code_for(first_error))
 
 
-def _warm_cluster(uris, format, address, options, as_json) -> None:
+def _warm_cluster(uris, format, address, options, as_json, peers: bool) -> None:
     from .cluster.fanout import warm_cluster
 
-    report = warm_cluster(uris, format=format, address=address, convert_options=options)
+    report = warm_cluster(uris, format=format, address=address, convert_options=options, peers=peers)
     _finish(report, as_json, render.render_warm_table)
 
 

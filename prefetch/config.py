@@ -29,6 +29,8 @@ _ENV = {
     "min_rate_window": "PREFETCH_MIN_RATE_WINDOW",
     "lock_timeout": "PREFETCH_LOCK_TIMEOUT",
     "transport": "PREFETCH_TRANSPORT",
+    "peers": "PREFETCH_PEERS",
+    "peer_timeout": "PREFETCH_PEER_TIMEOUT",
 }
 TRANSPORTS = ("native", "boto3")
 
@@ -76,6 +78,8 @@ class Settings:
     min_rate_window: float = 30.0
     lock_timeout: float = 3600.0          # a waiter for another process's download of the same key gives up (exit 4)
     transport: str = dataclasses.field(default_factory=default_transport)   # S3 client: "native" | "boto3"
+    peers: bool = True                    # a node agent's miss takes chunks from other nodes (prefetch/cluster/peers)
+    peer_timeout: float = 30.0            # a peer that does not deliver a chunk within this is routed around
 
     @classmethod
     def load(cls, **overrides) -> "Settings":
@@ -145,6 +149,13 @@ def _coerce(field: dataclasses.Field, value):
 
             raise BadURI(f"PREFETCH_TRANSPORT must be one of {', '.join(TRANSPORTS)}, not {value!r}")
         return str(value).strip().lower()
+    if field.name == "peers":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word not in _BOOLEANS:
+            raise ValueError(value)
+        return _BOOLEANS[word]
     if field.name in ("max_concurrency", "max_attempts"):
         if isinstance(value, float) or (isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
             raise ValueError(value)   # "1.5" concurrency is a typo, not 1
@@ -155,6 +166,9 @@ def _coerce(field: dataclasses.Field, value):
     if number != number:   # NaN
         raise ValueError(value)
     return number
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 # -- validation ---------------------------------------------------------------------------------------------------
@@ -170,6 +184,8 @@ _RULES = {
     "max_attempts": ("an integer from 1 to 100", lambda v: 1 <= v <= 100),
     "connect_timeout": ("a number of seconds > 0", lambda v: v > 0),
     "read_timeout": ("a number of seconds > 0", lambda v: v > 0),
+    "peers": ("1 or 0 (true/false, yes/no, on/off)", lambda v: isinstance(v, bool)),
+    "peer_timeout": ("a number of seconds > 0", lambda v: v > 0),
 }
 
 

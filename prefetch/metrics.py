@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client): what the node agent exposes on a port.
 
 Counters and histograms count what happened in this process (the agent does the node's warms):
-  prefetch_origin_bytes_total, prefetch_cache_hits_total, prefetch_cache_misses_total,
+  prefetch_origin_bytes_total, prefetch_peer_bytes_total{direction="in"|"out"} (chunks got from / served to
+  other nodes' agents), prefetch_cache_hits_total, prefetch_cache_misses_total,
   prefetch_evictions_total, prefetch_evicted_bytes_total,
   prefetch_download_seconds (histogram), prefetch_conversion_seconds (histogram).
 Gauges describe the node's store, read from disk at each scrape (so they hold whoever wrote the bytes):
@@ -34,6 +35,10 @@ class _Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.origin_bytes = Counter("prefetch_origin_bytes", "Bytes downloaded from artifact origins.", registry=r)
+        self.peer_bytes = Counter("prefetch_peer_bytes", "Bytes of chunks got from (in) or served to (out) other "
+                                  "nodes.", ["direction"], registry=r)
+        for direction in ("in", "out"):
+            self.peer_bytes.labels(direction)   # both series exist from the start (0 until peers are used)
         self.hits = Counter("prefetch_cache_hits", "warm() calls answered from the local store.", registry=r)
         self.misses = Counter("prefetch_cache_misses", "warm() calls that had to download.", registry=r)
         self.evictions = Counter("prefetch_evictions", "Objects evicted to respect the cap or free disk.", registry=r)
@@ -107,6 +112,11 @@ def record_download(seconds: float, origin_bytes: int) -> None:
     if (m := _get()) is not None:
         m.download_seconds.observe(seconds)
         m.origin_bytes.inc(origin_bytes)
+
+
+def record_peer_bytes(direction: str, n: int) -> None:
+    if (m := _get()) is not None:
+        m.peer_bytes.labels(direction).inc(n)
 
 
 def record_eviction(freed_bytes: int) -> None:

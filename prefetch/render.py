@@ -165,21 +165,22 @@ def render_warm_table(report: dict, console) -> None:
     from .config import human_bytes as _human
 
     table = Table(box=None)
-    for name in ("node", "ip", "uri", "version", "size", "seconds", "result", "origin", "error"):
+    for name in ("node", "ip", "uri", "version", "size", "seconds", "result", "origin", "peers", "error"):
         table.add_column(name, no_wrap=name not in ("uri", "error"), overflow="fold")
     for r in report["rows"]:
         if r.get("ok"):
             table.add_row(_node_label(r), r.get("node_ip") or "-", r["uri"], str(r.get("version") or "-"),
                           _human(r.get("bytes")), f"{r.get('seconds', 0):.2f}", "hit" if r.get("hit") else "miss",
-                          _human(r.get("origin_bytes")), "")
+                          _human(r.get("origin_bytes")), _human(r.get("peer_bytes") or 0), "")
         else:
             table.add_row(_node_label(r), r.get("node_ip") or "-", r["uri"], "-", "-",
                           f"{r['seconds']:.2f}" if r.get("seconds") is not None else "-", "[red]FAILED[/red]", "-",
-                          r.get("error") or "")
+                          "-", r.get("error") or "")
     console.print(table)
     ok = len(report["rows"]) - report.get("failed", 0)
     console.print(f"{ok}/{len(report['rows'])} ok on {report['nodes']} nodes in {report['seconds']:.1f}s; "
-                  f"origin bytes for the cluster: {_human(report['origin_bytes'])}", highlight=False)
+                  f"origin bytes for the cluster: {_human(report['origin_bytes'])}, "
+                  f"from peers: {_human(report.get('peer_bytes') or 0)}", highlight=False)
 
 
 def render_status_table(report: dict, console) -> None:
@@ -189,8 +190,10 @@ def render_status_table(report: dict, console) -> None:
     from .config import human_bytes as _human
 
     table = Table(box=None)
-    for name in ("node", "ip", "agent", "cache dir", "objects", "size", "in flight", "desired set"):
-        table.add_column(name, no_wrap=name in ("node", "ip", "objects", "size"), overflow="fold")
+    for name in ("node", "ip", "agent", "cache dir", "objects", "size", "origin", "peers in/out", "in flight",
+                 "desired set"):
+        table.add_column(name, no_wrap=name in ("node", "ip", "objects", "size", "origin", "peers in/out"),
+                         overflow="fold")
     for r in report["nodes"]:
         inflight = []
         for d in r.get("inflight") or []:
@@ -205,8 +208,11 @@ def render_status_table(report: dict, console) -> None:
         else:
             desired_text = "-"
         agent = r.get("agent", "-") if r.get("ok") else f"[red]{r.get('agent', '-')}[/red]: {r.get('error')}"
+        moved = r.get("transfer") or {}     # since the agent started (prefetch/cluster/peers.py counters)
+        peers = f"{_human(moved.get('peer_bytes_in'))} / {_human(moved.get('peer_bytes_out'))}" if moved else "-"
         table.add_row(_node_label(r), r.get("node_ip") or "-", agent, r.get("cache_dir") or "-",
                       str(r.get("objects") if r.get("objects") is not None else "-"), _human(r.get("bytes")),
+                      _human(moved.get("origin_bytes")) if moved else "-", peers,
                       "\n".join(inflight) or "-", desired_text)
     console.print(table)
     console.print(f"{len(report['nodes'])} nodes, {report['objects']} objects, {_human(report['bytes'])} cached, "

@@ -108,6 +108,15 @@ class TransferManager:
         self.config = config
         self.progress = list(progress)
         self.restarted: list[str] = []    # files fetched again (origin check failed, or changed at the origin)
+        # A source that routes each chunk on its own (prefetch/cluster/peers.py: a peer, or the origin) gets one
+        # read per chunk, in random order (nodes warming one key together start on different chunks), and hears
+        # of every chunk written (`chunk_done`) and every file started over (`file_restarted`).
+        self.per_chunk = bool(getattr(source, "per_chunk", False))
+
+    def _hook(self, name: str, *args) -> None:
+        hook = getattr(self.source, name, None)
+        if hook is not None:
+            hook(*args)
 
     def _report(self, n: int, fetched: bool = True) -> None:
         for cb in self.progress:
@@ -157,7 +166,7 @@ class TransferManager:
         missing = [i for i in range(state.n) if i not in state.done]
         if not missing:
             return []
-        if state.entry.size >= self.config.multipart_threshold and self.source.supports_ranges:
+        if self.per_chunk or (state.entry.size >= self.config.multipart_threshold and self.source.supports_ranges):
             return [(i, i + 1) for i in missing]
         return [(missing[0], state.n)] if self.source.supports_ranges else [(0, state.n)]
 
@@ -169,7 +178,7 @@ class _Run:
         self.m = manager
         self.config = manager.config
         self.journal = journal
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.Queue = _ShuffledQueue() if manager.per_chunk else queue.Queue()
         self.cancelled = threading.Event()
         self.changed = threading.Condition()
         self.error: BaseException | None = None
@@ -265,7 +274,9 @@ class _Run:
             while True:
                 if self.cancelled.is_set():
                     return
-                window_start, window_bytes = time.monotonic(), 0
+                # The rate window opens at the first byte: time to it is read_timeout's (the socket's), and a
+                # source that routes chunks (peers) may wait for another node's fetch before its first byte.
+                window_start, window_bytes = None, 0
                 try:
                     for block in self.m.source.read(path, offset, end):
                         if offset + len(block) > end:
@@ -290,9 +301,12 @@ class _Run:
                         self.m._report(len(block))
                         if self.cancelled.is_set():
                             return
-                        window_bytes += len(block)
+                        if window_start is None:
+                            window_start = time.monotonic()
+                        else:
+                            window_bytes += len(block)
                         elapsed = time.monotonic() - window_start
-                        if elapsed >= c.min_rate_window:
+                        if offset < end and elapsed >= c.min_rate_window:   # all here: never "too slow"
                             if window_bytes / elapsed < c.min_rate:
                                 raise TransientError(f"{path}: {window_bytes / elapsed / 1024:.1f} KiB/s over "
                                                      f"{elapsed:.0f}s, under the floor of {c.min_rate / 1024:.0f} "
@@ -320,6 +334,7 @@ class _Run:
     def _chunk_done(self, state: _File, index: int, sha: str) -> None:
         with state.lock:
             state.done[index] = sha
+        self.m._hook("chunk_done", state.entry, index, sha)
         self._advance(state)
 
     def _advance(self, state: _File) -> None:
@@ -386,6 +401,7 @@ class _Run:
             raise IntegrityError(f"{state.entry.path}: the bytes received do not match the origin's checksum "
                                  f"after {state.attempts} attempts ({why})", self.m.source.uri)
         self.m.restarted.append(state.entry.path)
+        self.m._hook("file_restarted", state.entry)
         self.journal.restart(state.entry.path)
         with open(state.path, "wb", opener=_no_follow) as f:
             f.truncate(state.entry.size)
@@ -393,6 +409,13 @@ class _Run:
             state.reset({})
             state.hashing = True      # released by _advance's finally
         self.enqueue_file(state)
+
+
+class _ShuffledQueue(queue.Queue):
+    """A work queue handing out its items in random order."""
+
+    def _put(self, item) -> None:
+        self.queue.insert(random.randrange(len(self.queue) + 1), item)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

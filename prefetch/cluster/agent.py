@@ -33,6 +33,7 @@ from ..store import Store
 from ..store.quarantine import quarantined
 from . import compat
 from .desired import DesiredSetLoop
+from .names import AGENT_PREFIX, NAMESPACE, agent_name, get_agent  # noqa: F401  (re-exported)
 from .node import current_node_id, ray_if_initialized
 from .state import AgentWrapper
 
@@ -41,16 +42,8 @@ compat.register_lease_hooks()   # this agent's leases name its actor
 if TYPE_CHECKING:
     from ..api import Warmed
 
-NAMESPACE = "prefetch"
-AGENT_PREFIX = "prefetch-agent-"
 AGENT_MAX_CONCURRENCY = 32         # warms of different URIs, status and the replicas' calls run side by side
 RECENT = 50                        # warms remembered for `status` (memory only: the disk is the real record)
-
-
-def agent_name(node_id: str) -> str:
-    return f"{AGENT_PREFIX}{node_id}"
-
-
 
 
 # -- the actor ---------------------------------------------------------------------------------------------------
@@ -121,8 +114,14 @@ class NodeAgent:
 
     # -- the library, run on this node -----------------------------------------------------------------------
     def _warm(self, uri: str, format: str, convert_options: dict | None, caller: str,
-              settings: Settings | None = None) -> "Warmed":
+              settings: Settings | None = None, peers: bool = True) -> "Warmed":
         from ..api import warm
+        from . import peers as peer_chunks
+
+        settings = settings or self.settings
+        factory = None
+        if peers and settings.peers and ray_if_initialized() is not None:
+            factory = peer_chunks.peer_factory(self.node_id, settings.max_concurrency, settings.peer_timeout)
 
         with self._lock:
             op = self._next_op
@@ -136,8 +135,10 @@ class NodeAgent:
                 entry["done"], entry["bytes"] = done, total
 
         try:
-            return warm(uri, format=format, settings=settings or self.settings, progress=progress,
-                        convert_options=convert_options)
+            w = warm(uri, format=format, settings=settings, progress=progress, convert_options=convert_options,
+                     peers=factory)
+            peer_chunks.count_origin(w.origin_bytes)
+            return w
         finally:
             with self._lock:
                 self._active.pop(op, None)
@@ -145,28 +146,31 @@ class NodeAgent:
     def _record(self, row: dict) -> dict:
         with self._lock:
             self._recent.append({k: row.get(k) for k in ("uri", "key", "version", "ok", "hit", "bytes",
-                                                          "origin_bytes", "seconds", "caller", "error", "at")})
+                                                          "origin_bytes", "peer_bytes", "seconds", "caller", "error", "at")})
         return row
 
     def _row(self, uri: str, format: str, convert_options: dict | None, caller: str,
-             settings: Settings | None = None) -> dict:
+             settings: Settings | None = None, peers: bool = True) -> dict:
         started = time.monotonic()
         base = {"node_id": self.node_id, "uri": uri, "format": format, "caller": caller, "at": time.time()}
         try:
-            w = self._warm(uri, format, convert_options, caller, settings)
+            w = self._warm(uri, format, convert_options, caller, settings, peers)
         except Exception as e:  # noqa: BLE001 - a row per node: every failure becomes data, never a dead agent
             row = base | error_fields(e) | {"seconds": round(time.monotonic() - started, 4)}
             return self._record(row)
         row = base | {"ok": True, "key": w.key, "name": w.resolved.name, "version": w.resolved.version,
                       "bytes": w.bytes, "seconds": round(w.seconds, 4), "hit": w.from_cache,
-                      "origin_bytes": w.origin_bytes, "path": str(w.path), "note": w.resolved.note}
+                      "origin_bytes": w.origin_bytes, "peer_bytes": w.peer_bytes, "path": str(w.path),
+                      "note": w.resolved.note}
         return self._record(row)
 
     def warm(self, uri: str, format: str = "native", convert_options: dict | None = None,
-             caller: str = "warm --cluster") -> dict:
-        """Warm uri on this node; never raises: the answer is a row (ok, key, bytes, seconds, hit, error...)."""
+             caller: str = "warm --cluster", peers: bool = True) -> dict:
+        """Warm uri on this node; never raises: the answer is a row (ok, key, bytes, seconds, hit, origin_bytes,
+        peer_bytes, error...). peers=False: every byte from the origin (`--no-peers`)."""
         me = self._identity()
-        return {k: me[k] for k in ("node_id", "node_ip", "cache_dir")} | self._row(uri, format, convert_options, caller)
+        return {k: me[k] for k in ("node_id", "node_ip", "cache_dir")} | self._row(uri, format, convert_options,
+                                                                                 caller, peers=peers)
 
     def warm_for_replica(self, uri: str, format: str = "native", convert_options: dict | None = None,
                          caller: str = "replica", cache_dir: str | None = None) -> "Warmed":
@@ -183,9 +187,23 @@ class NodeAgent:
             self._record(base | error_fields(e) | {"seconds": round(time.monotonic() - started, 4)})
             raise
         self._record(base | {"ok": True, "key": w.key, "version": w.resolved.version, "bytes": w.bytes,
-                             "hit": w.from_cache, "origin_bytes": w.origin_bytes, "seconds": round(w.seconds, 4)})
+                             "hit": w.from_cache, "origin_bytes": w.origin_bytes, "peer_bytes": w.peer_bytes,
+                             "seconds": round(w.seconds, 4)})
         # The Warmed crosses a process boundary: drop the opened origin (a boto3 client, sockets) it may carry.
         return dataclasses.replace(w, resolved=dataclasses.replace(w.resolved, source=None))
+
+    # -- chunks for other nodes (prefetch.cluster.peers) ------------------------------------------------------------
+    def read_chunk(self, key: str, path: str, start: int, end: int) -> bytes | None:
+        """Bytes of a file of key held on this node (committed, or written by its running download), for a peer."""
+        from . import peers
+
+        return peers.read_chunk(Store(self.settings.cache_dir), key, path, start, end)
+
+    def chunk_map(self, key: str, grid: int) -> dict[str, str]:
+        """What this node holds of key on a chunk grid (chunk id -> sha256), for a tracker seeding its swarm."""
+        from . import peers
+
+        return peers.chunk_map(Store(self.settings.cache_dir), key, grid)
 
     def ls(self) -> list[dict]:
         from ..api import list_objects
@@ -218,6 +236,9 @@ class NodeAgent:
             doc["active"] = [dict(v) for v in self._active.values()]
             doc["recent"] = list(self._recent)[-10:]
         doc["desired"] = self._desired.status()
+        from .peers import counters
+
+        doc["transfer"] = counters()      # since the agent started: origin and peer bytes, chunks rejected
         return doc
 
     # -- the desired set (prefetch.cluster.desired) ---------------------------------------------------------------
@@ -266,16 +287,6 @@ def get_or_create_agent(node_id: str):
         max_restarts=-1, max_task_retries=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote(node_id)
-
-
-def get_agent(node_id: str):
-    """The running agent of node_id, or None (never starts one)."""
-    import ray
-
-    try:
-        return ray.get_actor(agent_name(node_id), namespace=NAMESPACE)
-    except ValueError:
-        return None
 
 
 def _caller() -> str:

@@ -112,9 +112,12 @@ def gather(pending: dict, on_error: Callable[[Any, BaseException], dict]) -> dic
 
 
 def warm_cluster(uris: list[str], format: str = "native", address: str | None = None,
-                 convert_options: dict | None = None) -> dict:
+                 convert_options: dict | None = None, peers: bool = True) -> dict:
     """Warm every URI on every alive node, through each node's agent. One row per (node, URI):
-    node_id, node_ip, uri, ok, key, version, bytes, seconds, hit, origin_bytes, error, exit_code.
+    node_id, node_ip, uri, ok, key, version, bytes, seconds, hit, origin_bytes, peer_bytes, error, exit_code.
+
+    peers: the nodes share chunks (prefetch/cluster/peers.py), so the origin sends each model about once; False
+    (`--no-peers`): every node downloads everything from the origin.
 
     `ok` is False if any row failed; `exit_code` is then the first failed row's (2/3/4/5/6 as for `warm`,
     1 for an agent that did not answer)."""
@@ -131,7 +134,7 @@ def warm_cluster(uris: list[str], format: str = "native", address: str | None = 
                 why = (state.error if state else None) or "no agent"
                 rows_by_slot[(i, j)] = _failed_row(node, uri, f"agent not ready: {why}")
             else:
-                ref = state.handle.warm.remote(uri, format, convert_options or None, "prefetch warm --cluster")
+                ref = state.handle.warm.remote(uri, format, convert_options or None, "prefetch warm --cluster", peers)
                 pending[ref] = (i, j)
 
     def on_error(slot, e):
@@ -148,7 +151,8 @@ def warm_cluster(uris: list[str], format: str = "native", address: str | None = 
         rows.append(row)
     failed = [r for r in rows if not r.get("ok")]
     report = {"ok": not failed, "uris": list(uris), "format": format, "nodes": len(nodes), "rows": rows,
-              "failed": len(failed), "origin_bytes": sum(r.get("origin_bytes") or 0 for r in rows),
+              "failed": len(failed), "peers": peers, "origin_bytes": sum(r.get("origin_bytes") or 0 for r in rows),
+              "peer_bytes": sum(r.get("peer_bytes") or 0 for r in rows),
               "bytes": sum(r.get("bytes") or 0 for r in rows if r.get("ok")),
               "seconds": round(time.monotonic() - started, 3)}
     if failed:

@@ -11,7 +11,9 @@ LinkProxy sits between a client and an HTTP server (here: the S3 server) and
 - adds `latency_s` before forwarding each request's first byte to the server (one delay per
   request, not per packet; body bytes that follow are not delayed again);
 - caps each connection's server->client throughput at `rate_bytes_per_s` (a token bucket with
-  a burst of 50 ms worth of bytes).
+  a burst of 50 ms worth of bytes);
+- caps the server->client throughput of all connections together at `uplink_bytes_per_s` (one shared token
+  bucket: a registry's uplink shared by every node of a cluster), changeable while running (`set_uplink`).
 
 One thread per direction per connection; 1 MiB buffers and sendall keep it off the critical path
 on loopback when no limits are set.
@@ -206,13 +208,28 @@ class _Throttle:
         return int(max(16 * 1024, min(_BUF, self.rate / 50)))
 
     def wait(self, n: int) -> None:
+        delay = self._reserve(n)
+        if delay > 0:
+            time.sleep(delay)
+
+    def _reserve(self, n: int) -> float:
         now = time.monotonic()
         if self.vt < now - self.burst_s:
             self.vt = now - self.burst_s
         self.vt += n / self.rate
-        delay = self.vt - now
-        if delay > 0:
-            time.sleep(delay)
+        return self.vt - now
+
+
+class _SharedThrottle(_Throttle):
+    """One token bucket for many connections: each reserves its bytes under a lock, then sleeps on its own."""
+
+    def __init__(self, rate: float, burst_s: float = 0.05):
+        super().__init__(rate, burst_s)
+        self.lock = threading.Lock()
+
+    def _reserve(self, n: int) -> float:
+        with self.lock:
+            return super()._reserve(n)
 
 
 @dataclasses.dataclass
@@ -262,6 +279,7 @@ class LinkProxy:
         latency_s: float = 0.0,
         rate_bytes_per_s: float | None = None,
         keep_log: int = 100_000,
+        uplink_bytes_per_s: float | None = None,
     ):
         self.upstream = (upstream_host, int(upstream_port))
         # Fault injection (see inject_faults): the next N GET connections answered 503, or cut mid-response.
@@ -273,6 +291,7 @@ class LinkProxy:
         self._faults: list[Fault] = []
         self.latency_s = float(latency_s)
         self.rate_bytes_per_s = rate_bytes_per_s
+        self._uplink = _SharedThrottle(uplink_bytes_per_s) if uplink_bytes_per_s else None
         self.port: int | None = None
         self._lsock: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -334,6 +353,10 @@ class LinkProxy:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    def set_uplink(self, rate_bytes_per_s: float | None) -> None:
+        """Cap (or uncap, None) all connections together from now on, open ones included."""
+        self._uplink = _SharedThrottle(rate_bytes_per_s) if rate_bytes_per_s else None
 
     def start(self) -> "LinkProxy":
         if self._lsock is not None:
@@ -577,6 +600,9 @@ class LinkProxy:
                     continue
                 if throttle:
                     throttle.wait(n)
+                uplink = self._uplink
+                if uplink is not None:
+                    uplink.wait(n)
                 # Count before sending: once a client holds the whole response, stats() must
                 # already include it (counting after sendall raced with the client's next call).
                 with self._lock:
