@@ -3,7 +3,8 @@
 The sha256 in a manifest is computed here, from the bytes we received; by itself it only proves the bytes did not
 change on our disk. What ties them to the origin is one of these, chosen per file in this order:
   "sha256" / "crc32c" / "crc32"  a full-object `x-amz-checksum-*` the origin stored at upload (asked for with
-                                 ChecksumMode=ENABLED); sha256 is the strongest, crc32c needs awscrt;
+                                 ChecksumMode=ENABLED); sha256 is the strongest; crc32c is computed by
+                                 google-crc32c's C code (a core dependency; awscrt if that is what is there);
   "md5"                          the S3 ETag: for a single-part upload (32 hex digits, no '-') it is the MD5 of the
                                  bytes; for a multipart upload ("<hex>-N") it is the MD5 of the parts' MD5s, which
                                  we can recompute when we know every part's size (HEAD ?partNumber=k);
@@ -43,12 +44,28 @@ class OriginFacts:
         return int(m.group(2)) if m else None
 
 
-def _crc32c_available() -> bool:
+def _crc32c_function():
+    """extend(data, crc) -> crc for CRC32C in C code, or None. google-crc32c's pure-Python fallback (what it uses
+    when its C extension failed to load) runs at a few MB/s, slower than the download it would check: not used."""
     try:
-        from awscrt import checksums  # noqa: F401
+        import google_crc32c
     except ImportError:
-        return False
-    return True
+        google_crc32c = None
+    if google_crc32c is not None and google_crc32c.implementation == "c":
+        extend = google_crc32c.extend
+        return lambda data, crc: extend(crc, data if isinstance(data, bytes) else bytes(data))
+    try:
+        from awscrt import checksums
+    except ImportError:
+        return None
+    return lambda data, crc: checksums.crc32c(bytes(data), crc)
+
+
+_CRC32C = _crc32c_function()
+
+
+def _crc32c_available() -> bool:
+    return _CRC32C is not None
 
 
 def plan(facts: OriginFacts, size: int) -> str:
@@ -120,6 +137,4 @@ class Checker:
 def _crc(kind: str, data, value: int) -> int:
     if kind == "crc32":
         return zlib.crc32(data, value)
-    from awscrt import checksums
-
-    return checksums.crc32c(bytes(data), value)
+    return _CRC32C(data, value)
