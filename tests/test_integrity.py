@@ -20,7 +20,7 @@ import pytest
 import prefetch
 from prefetch.store import sha256_file
 from tests import harness
-from tests.helpers import PREFETCH, REPO, Background, cli_json, objects_in, run_cli
+from tests.helpers import PREFETCH, REPO, Background, assert_clean_error, cli_json, objects_in, run_cli
 
 MiB = 1 << 20
 # The last commit before this issue's transfer: its behaviour is what the memory test compares against.
@@ -574,3 +574,36 @@ def test_listing_keys_are_fetched_exactly_and_impossible_names_refused(s3, proxy
         assert proc.returncode == 5 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert object_gets() == []
     assert not [k for k in objects_in(cache_dir) if "clash" in k]
+
+
+# No case-insensitive filesystem can be made on the machines these tests run on (the kernel has no CONFIG_UNICODE,
+# so ext4 and tmpfs refuse `casefold`; there is no vfat, no FUSE, no mkfs.xfs), so this CLI run replaces the store's
+# probe (`case_insensitive`, a file looked up under another case) with one that answers True. Everything else is
+# real: the listing from SeaweedFS, the CLI, its exit code and its line. The control below keeps the real probe.
+_CASE_FOLDING = """
+import runpy, sys
+import prefetch.store.staging
+prefetch.store.staging.case_insensitive = lambda directory: True
+sys.argv = ["prefetch", *sys.argv[1:]]
+runpy.run_module("prefetch.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_names_equal_but_for_case_are_refused_where_the_filesystem_folds_case(s3, proxy, cache_dir):
+    from prefetch.store.staging import case_insensitive
+
+    client = s3.client(endpoint=s3.direct_endpoint)
+    bodies = {"sub/Model.pkl": b"upper case M" * 100, "sub/model.pkl": b"lower case m" * 90, "conf.json": b"{}"}
+    for path, body in bodies.items():
+        client.put_object(Bucket="models", Key=f"cased/{path}", Body=body)
+    env = s3.env(proxy.url)
+    proc = subprocess.run([sys.executable, "-c", _CASE_FOLDING, "warm", "s3://models/cased"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env}, cwd=REPO)
+    assert_clean_error(proc, 5, "'sub/Model.pkl'", "'sub/model.pkl'", "case")
+    assert [r for r in proxy.request_log() if r[0] == "GET" and "list-type" not in r[1]] == []   # before any byte
+    assert objects_in(cache_dir) == [] and list((cache_dir / "staging").iterdir()) == []
+
+    # Control, the real probe: this filesystem tells the two names apart, and both files are cached.
+    assert not case_insensitive(cache_dir)
+    result = cli_json("warm", "s3://models/cased", env=env)["results"][0]
+    assert {p: (Path(result["path"]) / p).read_bytes() for p in bodies} == bodies
