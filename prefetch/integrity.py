@@ -1,15 +1,19 @@
 """Origin-anchored integrity: what the origin says a file's content is, and the check of the bytes against it.
 
 The sha256 in a manifest is computed here, from the bytes we received; by itself it only proves the bytes did not
-change on our disk. What ties them to the origin is one of these, chosen per file in this order:
-  "sha256" / "crc32c" / "crc32"  a full-object `x-amz-checksum-*` the origin stored at upload (asked for with
-                                 ChecksumMode=ENABLED); sha256 is the strongest, crc32c needs awscrt;
-  "md5"                          the S3 ETag: for a single-part upload (32 hex digits, no '-') it is the MD5 of the
-                                 bytes; for a multipart upload ("<hex>-N") it is the MD5 of the parts' MD5s, which
-                                 we can recompute when we know every part's size (HEAD ?partNumber=k);
-  "none"                         nothing checkable (an SSE-KMS ETag, a multipart upload of unknown layout, a
-                                 source without content hashes): the file is only self-hashed, and the manifest
-                                 says so.
+change on our disk. What ties them to the origin is one of these, the first the facts allow (plan()):
+  "sha256"   a full-object `x-amz-checksum-sha256` the origin stored at upload;
+  "md5"      the S3 ETag: for a single-part upload (32 hex digits, no '-') it is the MD5 of the bytes; for a
+             multipart upload ("<hex>-N") it is the MD5 of the parts' MD5s, which we can recompute when we know
+             every part's size (HEAD ?partNumber=k);
+  "crc32c"   a full-object `x-amz-checksum-crc32c`, computed here by google-crc32c's C code (a core dependency;
+             awscrt when only that is there; neither: the check is not made);
+  "crc32"    a full-object `x-amz-checksum-crc32` (zlib);
+  "none"     nothing checkable (an SSE-KMS ETag, a multipart upload of unknown layout whose stored checksum is
+             COMPOSITE or absent, a source without content hashes): the file is only self-hashed, and the
+             manifest says so.
+The S3 source asks for stored checksums (one HEAD, ChecksumMode=ENABLED) only when the ETag gives no check, and
+keeps only full-object ones: a COMPOSITE "<crc>-N" is a checksum of the parts' checksums, not of the bytes.
 The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), needs no chunk in
 memory, and a mismatch means the file is fetched again (then exit 5): a byte flipped in transit is never committed.
 """
@@ -43,12 +47,28 @@ class OriginFacts:
         return int(m.group(2)) if m else None
 
 
-def _crc32c_available() -> bool:
+def _crc32c_function():
+    """extend(data, crc) -> crc for CRC32C in C code, or None. google-crc32c's pure-Python fallback (what it uses
+    when its C extension failed to load) runs at a few MB/s, slower than the download it would check: not used."""
     try:
-        from awscrt import checksums  # noqa: F401
+        import google_crc32c
     except ImportError:
-        return False
-    return True
+        google_crc32c = None
+    if google_crc32c is not None and google_crc32c.implementation == "c":
+        extend = google_crc32c.extend
+        return lambda data, crc: extend(crc, data if isinstance(data, bytes) else bytes(data))
+    try:
+        from awscrt import checksums
+    except ImportError:
+        return None
+    return lambda data, crc: checksums.crc32c(bytes(data), crc)
+
+
+_CRC32C = _crc32c_function()
+
+
+def _crc32c_available() -> bool:
+    return _CRC32C is not None
 
 
 def plan(facts: OriginFacts, size: int) -> str:
@@ -120,6 +140,4 @@ class Checker:
 def _crc(kind: str, data, value: int) -> int:
     if kind == "crc32":
         return zlib.crc32(data, value)
-    from awscrt import checksums
-
-    return checksums.crc32c(bytes(data), value)
+    return _CRC32C(data, value)

@@ -20,7 +20,7 @@ import pytest
 import prefetch
 from prefetch.store import sha256_file
 from tests import harness
-from tests.helpers import PREFETCH, REPO, Background, cli_json, objects_in, run_cli
+from tests.helpers import PREFETCH, REPO, Background, assert_clean_error, cli_json, objects_in, run_cli
 
 MiB = 1 << 20
 # The last commit before this issue's transfer: its behaviour is what the memory test compares against.
@@ -360,6 +360,89 @@ def test_a_byte_flipped_in_transit_is_never_committed(s3, proxy, cache_dir, tmp_
     assert not list((cache_dir / "staging").iterdir())
 
 
+# SeaweedFS refuses parts under 5 MiB, so an object past the real MAX_PART_HEADS (64 parts) would weigh 320+ MiB:
+# the CLI runs with the limit lowered to 1, and objects of 3 parts take the path a 65-part object takes.
+_FEW_PART_HEADS = """
+import runpy, sys
+import prefetch.sources.s3
+prefetch.sources.s3.MAX_PART_HEADS = 1
+sys.argv = ["prefetch", *sys.argv[1:]]
+runpy.run_module("prefetch.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def _few_part_heads(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _FEW_PART_HEADS, *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env}, cwd=REPO)
+
+
+def _upload_full_object_checksum(client, key: str, data: bytes, algorithm: str) -> None:
+    """A multipart upload (5 MiB parts) whose stored checksum covers the whole object (ChecksumType=FULL_OBJECT).
+    Each part carries its own checksum; the full-object value is left for the server to combine, so what the
+    warm checks against is computed by SeaweedFS, not by the test."""
+    import base64
+    import zlib
+
+    import google_crc32c
+
+    crc = {"CRC32C": google_crc32c.value, "CRC32": zlib.crc32}[algorithm]
+    upload = client.create_multipart_upload(Bucket="models", Key=key, ChecksumAlgorithm=algorithm,
+                                            ChecksumType="FULL_OBJECT")
+    parts = []
+    for n, start in enumerate(range(0, len(data), 5 * MiB), start=1):
+        body = data[start:start + 5 * MiB]
+        value = base64.b64encode(crc(body).to_bytes(4, "big")).decode()
+        answer = client.upload_part(Bucket="models", Key=key, UploadId=upload["UploadId"], PartNumber=n, Body=body,
+                                    **{f"Checksum{algorithm}": value})
+        parts.append({"PartNumber": n, "ETag": answer["ETag"], f"Checksum{algorithm}": value})
+    done = client.complete_multipart_upload(Bucket="models", Key=key, UploadId=upload["UploadId"],
+                                            MultipartUpload={"Parts": parts})
+    assert done.get("ChecksumType") == "FULL_OBJECT", done
+
+
+def test_a_stored_full_object_checksum_checks_what_the_etag_cannot(s3, proxy, cache_dir, tmp_path):
+    """A multipart ETag past MAX_PART_HEADS parts is not recomputed; the checksum the object was stored with is
+    asked for instead (one HEAD, ChecksumMode=ENABLED). FULL_OBJECT CRC32C and CRC32 uploads are checked with it,
+    so a byte flipped in transit is fetched again, or ends in exit 5; a COMPOSITE checksum ("<crc>-N", of the
+    parts' checksums: no hash of the bytes in order matches it) is not used, and that file says "none"."""
+    import io
+
+    import boto3.s3.transfer
+
+    client = s3.client(endpoint=s3.direct_endpoint)
+    blobs = {name: os.urandom(10 * MiB + 1000) for name in ("c.bin", "z.bin", "composite.bin")}
+    _upload_full_object_checksum(client, "stored/c.bin", blobs["c.bin"], "CRC32C")
+    _upload_full_object_checksum(client, "stored/z.bin", blobs["z.bin"], "CRC32")
+    client.upload_fileobj(io.BytesIO(blobs["composite.bin"]), "models", "stored/composite.bin",
+                          ExtraArgs={"ChecksumAlgorithm": "CRC32"},
+                          Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB,
+                                                                  multipart_chunksize=5 * MiB))
+    env = {**s3.env(proxy.url), "PREFETCH_CHUNK_BYTES": str(4 * MiB), "PREFETCH_MULTIPART_THRESHOLD": str(8 * MiB)}
+    proxy.add_fault("flip", b"stored/c.bin", range_start=4 * MiB, after=777)
+    proxy.add_fault("flip", b"stored/z.bin", range_start=8 * MiB, after=4321)
+    proc = _few_part_heads("warm", "s3://models/stored", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)["results"][0]
+    assert proxy.stats()["faults_served"] == 2
+    files = _manifest_files(result)
+    assert {p: f["origin_check"] for p, f in files.items()} == {"c.bin": "crc32c", "z.bin": "crc32",
+                                                                "composite.bin": "none"}
+    assert all(f["etag"].endswith("-3") for f in files.values())
+    root = Path(result["path"])
+    assert [p for p, blob in blobs.items() if (root / p).read_bytes() != blob] == []
+    assert "c.bin" in result["note"] and "z.bin" in result["note"] and "composite.bin" not in result["note"]
+
+    # Every time: exit 5 after the retries, nothing committed, nothing left in staging.
+    proxy.clear_faults()
+    _upload_full_object_checksum(client, "stored-always/w.bin", os.urandom(10 * MiB + 1000), "CRC32C")
+    proxy.add_fault("flip", b"stored-always/w.bin", after=10, count=1000)
+    proc = _few_part_heads("warm", "s3://models/stored-always", env={**env, "PREFETCH_MAX_ATTEMPTS": "3"})
+    assert proc.returncode == 5, proc.stderr
+    assert "w.bin" in proc.stderr and "crc32c" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert objects_in(cache_dir) == [root.name]
+    assert not list((cache_dir / "staging").iterdir())
+
+
 def test_resets_truncated_bodies_and_5xx_bursts_are_retried_from_where_they_stopped(s3, proxy, cache_dir, tmp_path):
     size = 12 * MiB
     blob = upload(s3, tmp_path, "bumpy/w.bin", size, seed=75)
@@ -491,3 +574,36 @@ def test_listing_keys_are_fetched_exactly_and_impossible_names_refused(s3, proxy
         assert proc.returncode == 5 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert object_gets() == []
     assert not [k for k in objects_in(cache_dir) if "clash" in k]
+
+
+# No case-insensitive filesystem can be made on the machines these tests run on (the kernel has no CONFIG_UNICODE,
+# so ext4 and tmpfs refuse `casefold`; there is no vfat, no FUSE, no mkfs.xfs), so this CLI run replaces the store's
+# probe (`case_insensitive`, a file looked up under another case) with one that answers True. Everything else is
+# real: the listing from SeaweedFS, the CLI, its exit code and its line. The control below keeps the real probe.
+_CASE_FOLDING = """
+import runpy, sys
+import prefetch.store.staging
+prefetch.store.staging.case_insensitive = lambda directory: True
+sys.argv = ["prefetch", *sys.argv[1:]]
+runpy.run_module("prefetch.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_names_equal_but_for_case_are_refused_where_the_filesystem_folds_case(s3, proxy, cache_dir):
+    from prefetch.store.staging import case_insensitive
+
+    client = s3.client(endpoint=s3.direct_endpoint)
+    bodies = {"sub/Model.pkl": b"upper case M" * 100, "sub/model.pkl": b"lower case m" * 90, "conf.json": b"{}"}
+    for path, body in bodies.items():
+        client.put_object(Bucket="models", Key=f"cased/{path}", Body=body)
+    env = s3.env(proxy.url)
+    proc = subprocess.run([sys.executable, "-c", _CASE_FOLDING, "warm", "s3://models/cased"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env}, cwd=REPO)
+    assert_clean_error(proc, 5, "'sub/Model.pkl'", "'sub/model.pkl'", "case")
+    assert [r for r in proxy.request_log() if r[0] == "GET" and "list-type" not in r[1]] == []   # before any byte
+    assert objects_in(cache_dir) == [] and list((cache_dir / "staging").iterdir()) == []
+
+    # Control, the real probe: this filesystem tells the two names apart, and both files are cached.
+    assert not case_insensitive(cache_dir)
+    result = cli_json("warm", "s3://models/cased", env=env)["results"][0]
+    assert {p: (Path(result["path"]) / p).read_bytes() for p in bodies} == bodies

@@ -12,11 +12,17 @@ from urllib.parse import urlparse
 
 from ..config import Settings
 from ..errors import BadSetting, IntegrityError, NotFound, Unreachable
-from ..integrity import OriginChanged, OriginFacts
+from ..integrity import OriginChanged, OriginFacts, plan
 from .base import FileEntry, TransientError, safe_relpath
 
 _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken", "403"}
 _MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+# A multipart ETag ("<md5 of part md5s>-N") is checked by recomputing it, which needs every part's size: one HEAD
+# per part. Past this many parts that costs more requests than it is worth, and the object's stored full-object
+# checksum (if any) is asked for instead.
+MAX_PART_HEADS = 64
+# HEAD fields -> the check they allow (prefetch/integrity.py); SHA-1 and CRC64NVME are not checked here.
+_CHECKSUM_FIELDS = {"ChecksumSHA256": "sha256", "ChecksumCRC32C": "crc32c", "ChecksumCRC32": "crc32"}
 _clients: dict = {}
 _clients_lock = threading.Lock()
 
@@ -93,6 +99,20 @@ def translate(error: Exception, uri: str, what: str) -> Exception:
     return error
 
 
+def full_object_checksums(head: dict, multipart: bool) -> dict[str, str]:
+    """The checksums of a HEAD/GET answer (ChecksumMode=ENABLED) that cover the whole object's bytes.
+
+    A multipart upload's checksum is COMPOSITE unless it was uploaded with ChecksumType=FULL_OBJECT: then it is a
+    checksum of the part checksums, written "<base64>-N", and no hash of the bytes in order can match it. A
+    single-part upload's checksum is always of the whole object (some servers leave ChecksumType out for it); a
+    multipart object whose answer does not say FULL_OBJECT is not trusted to be one."""
+    kind = head.get("ChecksumType")
+    if kind == "COMPOSITE" or (kind != "FULL_OBJECT" and multipart):
+        return {}
+    return {name: head[field] for field, name in _CHECKSUM_FIELDS.items()
+            if head.get(field) and "-" not in head[field]}   # '-' is no base64 digit: a "-N" composite suffix
+
+
 class S3Prefix:
     """What both S3 transports share: the bucket and prefix a URI names, the origin's identity (the same for both,
     so switching transports keeps the cache), and the exact key + ETag of every listed path: a listing's key is
@@ -152,33 +172,53 @@ class S3Source(S3Prefix):
         return sorted(entries, key=lambda f: f.path)
 
     def origin_facts(self, entry: FileEntry) -> OriginFacts:
-        """What S3 says about the content. A single-part ETag is the MD5 already (no request); a multipart one is
-        checkable once each part's size is known: one HEAD per part (PartNumber), for up to 64 parts, sent in
-        parallel. (A multipart object's stored checksums are COMPOSITE, "<crc>-N": not a full-object check.)"""
+        """What S3 says about the content, asking only when the ETag alone gives no check. A single-part ETag is
+        the MD5 already (no request); a multipart one is checkable once each part's size is known: one HEAD per
+        part (PartNumber), for up to MAX_PART_HEADS parts, sent in parallel. Otherwise (more parts, no ETag, an
+        ETag that is no MD5, parts that could not be sized): one HEAD with ChecksumMode=ENABLED, for the
+        full-object checksum the uploader may have stored."""
         key, etag = self._key(entry.path)
         etag = etag or entry.etag
         facts = OriginFacts(etag=etag)
-        parts = facts.multipart_parts
-        if not parts or parts > 64:
+        if plan(facts, entry.size) != "none":
             return facts
-        from concurrent.futures import ThreadPoolExecutor
+        parts = facts.multipart_parts
+        if parts and parts <= MAX_PART_HEADS:
+            sized = self._part_layout(key, etag, parts)
+            if sized is not None:
+                return sized
+        return self._stored_checksums(key, etag)
 
-        def head(n: int) -> dict:
-            return self.client.head_object(Bucket=self.bucket, Key=key, PartNumber=n,
-                                           **({"IfMatch": f'"{etag}"'} if etag else {}))
-
-        checksums: dict = {}
+    def _head(self, what: str, **kwargs) -> dict | None:
+        """One HEAD of the object; None when it cannot tell us anything (the file is then only self-hashed)."""
         try:
-            with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
-                heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
-            sizes = [int(h["ContentLength"]) for h in heads]
-            version = heads[0].get("VersionId")
+            return self.client.head_object(Bucket=self.bucket, **kwargs)
         except Exception as e:  # noqa: BLE001
-            err = translate(e, self.uri, f"HEAD {key}")
+            err = translate(e, self.uri, f"HEAD {what}")
             if isinstance(err, (OriginChanged, TransientError, Unreachable, NotFound)):
                 raise err from None
-            return facts
-        return OriginFacts(etag=etag, version_id=version, checksums=checksums, part_sizes=tuple(sizes))
+            return None
+
+    def _part_layout(self, key: str, etag: str, parts: int) -> OriginFacts | None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def head(n: int) -> dict | None:
+            return self._head(key, Key=key, PartNumber=n, IfMatch=f'"{etag}"')
+
+        with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
+            heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
+        if any(h is None for h in heads):
+            return None
+        return OriginFacts(etag=etag, version_id=heads[0].get("VersionId"),
+                           part_sizes=tuple(int(h["ContentLength"]) for h in heads))
+
+    def _stored_checksums(self, key: str, etag: str | None) -> OriginFacts:
+        head = self._head(key, Key=key, ChecksumMode="ENABLED", **({"IfMatch": f'"{etag}"'} if etag else {}))
+        if head is None:
+            return OriginFacts(etag=etag)
+        multipart = OriginFacts(etag=etag).multipart_parts is not None
+        return OriginFacts(etag=etag, version_id=head.get("VersionId"),
+                           checksums=full_object_checksums(head, multipart))
 
     def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         key, etag = self._key(path)
