@@ -121,8 +121,9 @@ def main() -> None:
             rig.add_node("head" if n == 1 else f"worker-{n - 1}")
             if n == 1:
                 connect(rig.address)
-            on = one_warm(s3, client, files, f"n{n}-on", True, rig)
+            # --no-peers first: by the peers' turn the tracker the agents start with is up, as in a running cluster
             off = one_warm(s3, client, files, f"n{n}-off", False, rig)
+            on = one_warm(s3, client, files, f"n{n}-on", True, rig)
             row = {"nodes": n, "peers": on, "no_peers": off,
                    "time_ratio": round(off["seconds"] / on["seconds"], 2),
                    "egress_ratio": round(off["origin_bytes"] / on["origin_bytes"], 2)}

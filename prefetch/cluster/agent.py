@@ -67,6 +67,10 @@ class NodeAgent:
         self._next_op = 0
         self._metrics_server = None
         self.metrics_url = None if self._settings_error else self._start_metrics()
+        if not self._settings_error and self.settings.peers:
+            # The cluster's peer tracker, started now rather than by this node's first miss (an actor start is
+            # about a second); in the background, so an agent never waits on it to answer ready().
+            threading.Thread(target=self._start_tracker, name="prefetch-tracker-start", daemon=True).start()
         self._desired = DesiredSetLoop(lambda uri, format, settings: self._row(uri, format, None, "daemon", settings),
                                        self.settings)
 
@@ -103,6 +107,17 @@ class NodeAgent:
                 return None
             return f"http://{addr}:{self._metrics_server.port}/metrics"
         return None
+
+    @staticmethod
+    def _start_tracker() -> None:
+        from .peers import get_or_create_tracker
+
+        if ray_if_initialized() is None:    # a plain NodeAgent (no Ray): nothing to start, and never start Ray
+            return
+        try:
+            get_or_create_tracker()
+        except Exception:  # noqa: BLE001 - a warm that misses tries again, and goes to the origin without one
+            pass
 
     def ready(self) -> dict:
         if self._settings_error is not None:
