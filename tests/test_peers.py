@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from prefetch.store import Store, allocated_bytes
-from tests import harness
 from tests.harness.ray_rig import Rig, wait_for
 from tests.helpers import assert_clean_error, run_cli
 
@@ -271,6 +270,34 @@ def test_a_replica_that_misses_gets_the_model_from_peers(on_rig, s3):
     assert Path(path).parent == on_rig.dirs[nodes[2]] / "objects"
     assert origin < 0.1 * model.size            # a listing, no object bytes
     model.assert_on(on_rig.dirs[nodes[2]], Path(path).name)
+
+
+def test_chunk_servers_answer_only_cluster_members_and_only_for_their_store(on_rig, s3):
+    import ray
+    import requests
+
+    model = Model(s3, "server")
+    node = list(on_rig.dirs)[1]
+    agent = _agents(on_rig)[node]
+    row = ray.get(agent.warm.remote(model.uri))
+    assert row["ok"], row
+    held = ray.get(agent.chunk_map.remote(row["key"], MiB))     # over Ray: what a cluster member can ask
+    url, secret = held["server"]
+    assert url == ray.get(agent.ready.remote())["chunk_server"]
+    assert len(held["chunks"]) == 6 + 6 + 4                        # 6 + 6 chunks of 1 MiB, 4 small files
+
+    def get(path, start=0, end=100, key=row["key"], auth=f"Bearer {secret}"):
+        return requests.get(f"{url}/chunk", params={"key": key, "path": path, "start": start, "end": end},
+                            headers={"Authorization": auth} if auth else {}, timeout=10)
+
+    ok = get("weights-a.bin", MiB, 2 * MiB)
+    assert ok.status_code == 200 and ok.content == model.files["weights-a.bin"][MiB:2 * MiB]
+    assert get("weights-a.bin", auth=None).status_code == 401             # no secret: not a cluster member
+    assert get("weights-a.bin", auth="Bearer " + "x" * len(secret)).status_code == 401
+    assert get("../../etc/passwd").status_code == 404                     # only files the key lists
+    assert get(".prefetch.json").status_code == 404
+    assert get("weights-a.bin", key="0" * 64).status_code == 404            # only keys in its store
+    assert get("weights-a.bin", 0, 7 * MiB).status_code == 416              # past the file's end
 
 
 def test_a_frozen_peer_is_routed_around(on_rig, s3):

@@ -67,7 +67,9 @@ class NodeAgent:
         self._next_op = 0
         self._metrics_server = None
         self.metrics_url = None if self._settings_error else self._start_metrics()
-        if not self._settings_error and self.settings.peers:
+        self._chunk_server = None
+        if not self._settings_error and self.settings.peers and ray_if_initialized() is not None:
+            self._chunk_server = self._start_chunk_server()
             # The cluster's peer tracker, started now rather than by this node's first miss (an actor start is
             # about a second); in the background, so an agent never waits on it to answer ready().
             threading.Thread(target=self._start_tracker, name="prefetch-tracker-start", daemon=True).start()
@@ -86,7 +88,8 @@ class NodeAgent:
 
     def _identity(self) -> dict:
         return {"node_id": self.node_id, "node_ip": self._node_ip(), "cache_dir": str(self.settings.cache_dir),
-                "pid": os.getpid(), "started_at": self.started_at, "metrics_url": self.metrics_url}
+                "pid": os.getpid(), "started_at": self.started_at, "metrics_url": self.metrics_url,
+                "chunk_server": self._chunk_server.url if getattr(self, "_chunk_server", None) else None}
 
     def _start_metrics(self) -> str | None:
         """Serve the node's Prometheus metrics (prefetch/metrics.py) from the agent: it does the node's warms, so
@@ -136,7 +139,8 @@ class NodeAgent:
         settings = settings or self.settings
         factory = None
         if peers and settings.peers and ray_if_initialized() is not None:
-            factory = peer_chunks.peer_factory(self.node_id, settings.max_concurrency, settings.peer_timeout)
+            factory = peer_chunks.peer_factory(self.node_id, settings.max_concurrency, settings.peer_timeout,
+                                               self._server())
 
         with self._lock:
             op = self._next_op
@@ -208,17 +212,32 @@ class NodeAgent:
         return dataclasses.replace(w, resolved=dataclasses.replace(w.resolved, source=None))
 
     # -- chunks for other nodes (prefetch.cluster.peers) ------------------------------------------------------------
-    def read_chunk(self, key: str, path: str, start: int, end: int) -> bytes | None:
-        """Bytes of a file of key held on this node (committed, or written by its running download), for a peer."""
+    def _start_chunk_server(self):
+        """This node's chunk server (prefetch/cluster/chunk_server.py), on the node's IP: what peers read from.
+        PREFETCH_PEER_PORT fixes its port (a firewall rule); unset, or taken, a free port is used."""
+        from . import peers
+        from .chunk_server import ChunkServer
+
+        host = self._node_ip() or "127.0.0.1"
+        store = Store(self.settings.cache_dir)
+        raw = os.environ.get("PREFETCH_PEER_PORT", "").strip()
+        wanted = int(raw) if raw.isdigit() and int(raw) < 65536 else 0
+        for port in dict.fromkeys((wanted, 0)):
+            try:
+                return ChunkServer(host, lambda key, path: peers.locate(store, key, path), peers.served, port)
+            except OSError:
+                continue
+        return None
+
+    def _server(self) -> tuple[str, str] | None:
+        return (self._chunk_server.url, self._chunk_server.secret) if self._chunk_server else None
+
+    def chunk_map(self, key: str, grid: int) -> dict:
+        """What this node holds of key on a chunk grid ({"chunks": chunk id -> sha256, "server": (url, secret)}),
+        for a tracker seeding its swarm."""
         from . import peers
 
-        return peers.read_chunk(Store(self.settings.cache_dir), key, path, start, end)
-
-    def chunk_map(self, key: str, grid: int) -> dict[str, str]:
-        """What this node holds of key on a chunk grid (chunk id -> sha256), for a tracker seeding its swarm."""
-        from . import peers
-
-        return peers.chunk_map(Store(self.settings.cache_dir), key, grid)
+        return {"chunks": peers.chunk_map(Store(self.settings.cache_dir), key, grid), "server": self._server()}
 
     def ls(self) -> list[dict]:
         from ..api import list_objects
@@ -274,6 +293,8 @@ class NodeAgent:
         self._desired.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
+        if self._chunk_server is not None:
+            self._chunk_server.close()
 
 
 # -- finding and creating agents ---------------------------------------------------------------------------------

@@ -5,30 +5,32 @@ same engine as for the origin) reads through a PeerSource. For each chunk of the
 cluster's tracker (one detached actor, `prefetch-tracker`, whose rules are prefetch/cluster/swarm.py) where to
 get it:
 
-- from a peer: one Ray actor call to that node's agent (`NodeAgent.read_chunk`), which answers with bytes of a
-  committed object in its store, or of a chunk its own running download already wrote; the bytes must match the
-  sha256 the tracker recorded for that chunk, or they are dropped, that peer is avoided for the key, and the chunk
-  is routed again (another peer, or the origin);
+- from a peer: one HTTP range GET to that node's chunk server (prefetch/cluster/chunk_server.py, in its agent),
+  which sends bytes of a committed object in its store, or of a chunk its own running download already wrote; the
+  bytes must match the sha256 the tracker recorded for that chunk, or they are dropped, that peer is avoided for
+  the key, and the chunk is routed again (another peer, or the origin);
 - from the origin: the wrapped Source, exactly as without peers (If-Match, retries, deadlines);
 - later: another node is fetching that chunk from the origin now.
 
 Whatever the route, the engine then checks each whole file against the origin's own checksum (MD5 ETag,
 x-amz-checksum-*) and its sha256 before the commit: a node never commits bytes it has not verified.
 
-Limits: peer traffic is Ray's (the agents' actor calls between node IPs, token-authenticated where the cluster
-enables tokens; nothing listens on a port of ours). An agent serves only files of keys in its own store (a
-committed object's manifest, or the listing of its own running download), and only chunks at the grid's bounds.
+Limits: the control plane (join, route, have) is Ray actor calls, token-authenticated where the cluster enables
+tokens; the data plane is HTTP between node IPs, each chunk server requiring its own random secret, which only the
+tracker hands out, over Ray. An agent serves only files of keys in its own store (a committed object's manifest,
+or the listing of its own running download).
 
 Counters (`counters()`), per agent process since it started: origin/peer bytes, chunks rejected.
 """
 from __future__ import annotations
 
 import hashlib
-import os
+import http.client
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
+from urllib.parse import urlencode
 
 from .. import metrics
 from ..sources.base import FileEntry, safe_relpath
@@ -83,9 +85,12 @@ class PeerTracker:
     def __init__(self):
         self.book = SwarmBook()
         self.seeding: dict[tuple[str, int], threading.Event] = {}
+        self.servers: dict[str, tuple[str, str]] = {}     # node -> its chunk server's (url, secret)
         self.lock = threading.Lock()
 
-    def join(self, key: str, grid: int, node: str, concurrency: int) -> None:
+    def join(self, key: str, grid: int, node: str, concurrency: int, server: tuple[str, str] | None) -> None:
+        if server:
+            self.servers[node] = tuple(server)
         self._seed(key, grid, node)
         self.book.join(key, grid, node, concurrency)
 
@@ -111,16 +116,24 @@ class PeerTracker:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=SEED_TIMEOUT) if pending else ([], [])
             for ref in ready:
                 try:
-                    chunks = ray.get(ref)
+                    held = ray.get(ref)
                 except Exception:  # noqa: BLE001 - a node that cannot answer holds nothing for us
                     continue
-                if chunks:
-                    self.book.seed(key, grid, pending[ref], chunks)
+                if held["chunks"] and held["server"]:
+                    self.servers[pending[ref]] = tuple(held["server"])
+                    self.book.seed(key, grid, pending[ref], held["chunks"])
         finally:
             event.set()
 
     def route(self, key: str, grid: int, node: str, cid: str) -> dict:
-        return self.book.route(key, grid, node, cid)
+        """The book's answer, with the chunk servers of the peers it names (a peer without one is left out)."""
+        answer = self.book.route(key, grid, node, cid)
+        if answer["from"] == "peer":
+            answer["peers"] = [p for p in answer["peers"] if p in self.servers]
+            answer["servers"] = {p: self.servers[p] for p in answer["peers"]}
+            if not answer["peers"]:   # holders this tracker cannot reach (it restarted): the origin
+                return {"from": "origin"}
+        return answer
 
     def have(self, key: str, grid: int, node: str, cid: str, sha: str) -> None:
         self.book.have(key, grid, node, cid, sha)
@@ -182,43 +195,23 @@ _inflight_lock = threading.Lock()
 _inflight: dict[tuple[str, int], _Inflight] = {}
 
 
-def read_chunk(store, key: str, path: str, start: int, end: int) -> bytes | None:
-    """Bytes [start, end) of `path` of `key`, from this node: its running download of key, else its committed
-    object; None when it has neither (the asker routes elsewhere). Never follows a symlink; never reads a file the
-    key does not list."""
+def locate(store, key: str, path: str) -> Path | None:
+    """The file holding `path` of `key` on this node, for the chunk server: its running download of key (a file it
+    lists), else its committed object (a file its manifest lists); None when it has neither. The path is checked to
+    stay inside the artifact dir; the server opens it without following symlinks."""
     path = safe_relpath(path)
-    if not 0 <= start < end:
-        return None
     for (k, _grid), inflight in list(_inflight.items()):
         if k == key and path in inflight.files:
-            data = _pread(inflight.data / path, start, end)
-            if data is not None:
-                _count("peer_bytes_out", len(data))
-                return data
+            return inflight.data / path
     manifest = store.lookup(key, touch=False)
     if manifest is None or path not in {f.path for f in manifest.files}:
         return None
-    data = _pread(store.paths.object_dir(key) / path, start, end)
-    if data is not None:
-        _count("peer_bytes_out", len(data))
-    return data
+    return store.paths.object_dir(key) / path
 
 
-def _pread(path: Path, start: int, end: int) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        data = os.pread(fd, end - start, start)
-        while len(data) < end - start:
-            more = os.pread(fd, end - start - len(data), start + len(data))
-            if not more:
-                return None
-            data += more
-        return data
-    finally:
-        os.close(fd)
+def served(n: int) -> None:
+    """Bytes the chunk server sent to a peer."""
+    _count("peer_bytes_out", n)
 
 
 def chunk_map(store, key: str, grid: int) -> dict[str, str]:
@@ -250,7 +243,7 @@ class PeerSource:
     per_chunk = True
 
     def __init__(self, origin: "Source", key: str, files: list[FileEntry], data: Path, grid: int, node: str,
-                 tracker, concurrency: int, timeout: float):
+                 tracker, concurrency: int, timeout: float, server: tuple[str, str] | None = None):
         self.origin, self.key, self.grid, self.node = origin, key, grid, node
         self.uri = origin.uri
         self.supports_ranges = True
@@ -259,7 +252,7 @@ class PeerSource:
         self.peer_bytes = 0
         self.rejected = 0
         self.notes: list[str] = []
-        self._handles: dict[str, object] = {}
+        self._conns = threading.local()       # per reader thread: holder url -> a kept-alive HTTPConnection
         self._origin_only: set[str] = set()   # files restarted after a failed origin check: origin only
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -267,7 +260,7 @@ class PeerSource:
         self._inflight = _Inflight(data, files, grid)
         with _inflight_lock:
             _inflight[(key, grid)] = self._inflight
-        self._call("join", key, grid, node, concurrency, wait=True)
+        self._call("join", key, grid, node, concurrency, server, wait=True)
         self._beat = threading.Thread(target=self._heartbeat, name="prefetch-peer-heartbeat", daemon=True)
         self._beat.start()
 
@@ -321,7 +314,7 @@ class PeerSource:
                 pause = min(pause * 2, WAIT_POLL[1])
                 continue
             for holder in route["peers"]:
-                data = self._read_peer(holder, path, start, end)
+                data = self._read_peer(holder, route["servers"][holder], cid, path, start, end)
                 if data is None:
                     continue
                 if hashlib.sha256(data).hexdigest() != route["sha256"]:
@@ -338,44 +331,33 @@ class PeerSource:
             # every holder offered failed: ask again (the tracker now routes around them)
         return None
 
-    def _read_peer(self, holder: str, path: str, start: int, end: int) -> bytes | None:
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        handle = self._handle(holder)
-        if handle is None:
-            self._lost(holder, "no agent")
-            return None
+    def _read_peer(self, holder: str, server: tuple[str, str], cid: str, path: str, start: int,
+                   end: int) -> bytes | None:
+        """One ranged GET from holder's chunk server (a kept-alive connection per reader thread)."""
+        url, secret = server
+        conns = self._conns.__dict__
         try:
-            data = ray.get(handle.read_chunk.remote(self.key, path, start, end), timeout=self.timeout)
-        except (GetTimeoutError, RayActorError) as e:
-            self._lost(holder, "no answer" if isinstance(e, GetTimeoutError) else "agent died")
+            conn = conns.get(url)
+            if conn is None:
+                host, port = url.removeprefix("http://").rsplit(":", 1)
+                conn = conns[url] = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+            query = urlencode({"key": self.key, "path": path, "start": start, "end": end})
+            conn.request("GET", f"/chunk?{query}", headers={"Authorization": f"Bearer {secret}"})
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            conns.pop(url, None)
+            self._lost(holder, "no answer" if isinstance(e, TimeoutError) else f"failed ({type(e).__name__})")
             return None
-        except Exception:  # noqa: BLE001 - any other failure of that peer: route around it
-            self._lost(holder, "failed")
-            return None
-        if data is None or len(data) != end - start:
-            self._call("reject", self.key, self.grid, self.node, holder, chunk_id(path, self.files[path].size,
-                                                                                  self.files[path].etag,
-                                                                                  start // self.grid))
+        if resp.status != 200 or len(data) != end - start:
+            self._call("reject", self.key, self.grid, self.node, holder, cid)
             return None
         return data
 
     def _lost(self, holder: str, why: str) -> None:
         _count("peers_unreachable")
         self._note(f"peer node {holder[:12]}: {why} within {self.timeout:g}s; routed around")
-        with self._lock:
-            self._handles.pop(holder, None)
         self._call("gone", holder)
-
-    def _handle(self, holder: str):
-        with self._lock:
-            if holder in self._handles:
-                return self._handles[holder]
-        handle = get_agent(holder)
-        with self._lock:
-            self._handles[holder] = handle
-        return handle
 
     # hooks the transfer engine calls
     def chunk_done(self, entry: FileEntry, index: int, sha: str) -> None:
@@ -432,12 +414,13 @@ class PeerSource:
             return None
 
 
-def peer_factory(node: str, concurrency: int, timeout: float):
-    """What the agent hands prefetch.warm(peers=...): builds this download's PeerSource (None: no tracker here)."""
+def peer_factory(node: str, concurrency: int, timeout: float, server: tuple[str, str] | None):
+    """What the agent hands prefetch.warm(peers=...): builds this download's PeerSource (None: no tracker here).
+    server: this agent's chunk server (url, secret), registered with the tracker so others can read from us."""
     def make(key: str, source: "Source", files: list[FileEntry], data: Path, grid: int) -> PeerSource | None:
         try:
             tracker = get_or_create_tracker()
         except Exception:  # noqa: BLE001 - no tracker: this warm goes to the origin, as without peers
             return None
-        return PeerSource(source, key, files, data, grid, node, tracker, concurrency, timeout)
+        return PeerSource(source, key, files, data, grid, node, tracker, concurrency, timeout, server)
     return make
