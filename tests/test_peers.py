@@ -154,9 +154,14 @@ def _origin(s3) -> int:
 
 
 def _agents(rig) -> dict:
-    from prefetch.cluster import get_agent
+    """Every node's agent (started if missing, as `warm --cluster` would), answering."""
+    import ray
 
-    return {node_id: get_agent(node_id) for node_id in rig.dirs}
+    from prefetch.cluster import get_or_create_agent
+
+    agents = {node_id: get_or_create_agent(node_id) for node_id in rig.dirs}
+    ray.get([a.ready.remote() for a in agents.values()], timeout=120)
+    return agents
 
 
 def _transfer_counts(rig) -> dict[str, dict]:
@@ -165,10 +170,27 @@ def _transfer_counts(rig) -> dict[str, dict]:
     return {n: ray.get(h.status.remote(), timeout=30)["transfer"] for n, h in _agents(rig).items()}
 
 
+def _peer_metrics(rig) -> dict[str, dict[str, float]]:
+    """node -> {"in": bytes, "out": bytes} from prefetch_peer_bytes_total on each agent's metrics endpoint."""
+    import ray
+    import urllib.request
+
+    out = {}
+    for node, handle in _agents(rig).items():
+        url = ray.get(handle.ready.remote(), timeout=30)["metrics_url"]
+        with urllib.request.urlopen(url, timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        out[node] = {d: next((float(ln.rsplit(" ", 1)[1]) for ln in lines
+                              if ln.startswith(f'prefetch_peer_bytes_total{{direction="{d}"}}')), 0.0)
+                     for d in ("in", "out")}
+    return out
+
+
 def test_one_origin_download_per_cluster_and_no_peers_restores_n(on_rig, s3):
     s3.proxy.set_uplink(16 * MiB)       # nodes start together and overlap, as on a real shared uplink
     model = Model(s3, "swarm")
     n = len(on_rig.dirs)
+    metrics_before = _peer_metrics(on_rig)
     before = _origin(s3)
     report = _warm_cluster(on_rig, model.uri)
     origin = _origin(s3) - before
@@ -194,6 +216,10 @@ def test_one_origin_download_per_cluster_and_no_peers_restores_n(on_rig, s3):
     assert got >= report["peer_bytes"] and sum(c["peer_bytes_out"] for c in counts.values()) >= got
     table = run_cli("status", "--address", on_rig.address, env=WIDE, check=True).stderr
     assert "peers in/out" in table
+    # Each agent's Prometheus metrics count the same bytes, by direction.
+    metrics_after = _peer_metrics(on_rig)
+    moved = {d: sum(metrics_after[node][d] - metrics_before[node][d] for node in metrics_after) for d in ("in", "out")}
+    assert moved["in"] == report["peer_bytes"] and moved["out"] >= moved["in"]
 
     # The way without peers, same cluster, a model of the same shape: every node downloads everything.
     plain = Model(s3, "no-peers")
@@ -350,3 +376,42 @@ def test_a_node_removed_mid_transfer_does_not_stop_the_others(on_rig, s3):
     print(f"\na node removed mid-transfer: origin sent {origin} bytes for {model.size}")
     assert origin < 2 * model.size
     assert Store(on_rig.dirs[staying[0]]).lookup(rows[staying[0]]["key"], touch=False) is not None
+
+
+def test_a_node_that_joins_during_a_warm_takes_part(on_rig, s3):
+    """The cluster warms (every node's agent), a node joins meanwhile and warms the same model (what the controller
+    has its agent do for the desired set): it takes chunks from nodes still downloading, and the origin still sends
+    the model about once."""
+    import ray
+
+    from prefetch.cluster import get_or_create_agent
+
+    model = Model(s3, "joiner")
+    s3.proxy.set_uplink(MiB // 2)                            # ~20 s of origin transfer: time for a node to join
+    result: dict = {}
+
+    def warm() -> None:
+        result["report"] = _warm_cluster(on_rig, model.uri)
+
+    before = _origin(s3)
+    t = threading.Thread(target=warm, daemon=True)
+    t.start()
+    joiner = on_rig.add_node("joiner")
+    try:
+        agent = get_or_create_agent(joiner.node_id)
+        ray.get(agent.ready.remote(), timeout=120)
+        assert t.is_alive(), "the cluster's warm finished before the node joined"
+        pending = agent.warm.remote(model.uri)
+        s3.proxy.set_uplink(8 * MiB)
+        row = ray.get(pending, timeout=300)
+        t.join(300)
+        origin = _origin(s3) - before
+        assert row["ok"], row
+        model.assert_on(on_rig.dirs[joiner.node_id], row["key"])
+        assert result["report"]["ok"], result["report"]
+        print(f"\na node joining mid-warm: {row['peer_bytes']} bytes from peers, {row['origin_bytes']} from the "
+              f"origin; the origin sent {origin} bytes for {model.size}")
+        assert row["peer_bytes"] > model.size / 2
+        assert origin < 1.3 * model.size
+    finally:
+        on_rig.remove_node(joiner)
