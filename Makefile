@@ -30,6 +30,7 @@ bench: venv
 	$(BIN)/python scripts/bench_convert.py
 	$(BIN)/python scripts/bench_memory.py
 	$(BIN)/python scripts/bench_multiplex.py
+	$(BIN)/python scripts/bench_peers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

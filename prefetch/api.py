@@ -48,8 +48,8 @@ class Warmed:
     def to_dict(self) -> dict:
         return redact_obj({"uri": self.resolved.uri, "key": self.key, "path": str(self.path), "bytes": self.bytes,
                 "from_cache": self.from_cache, "format": self.format, "seconds": round(self.seconds, 4),
-                "origin_bytes": self.origin_bytes, "peer_bytes": self.peer_bytes, "name": self.resolved.name, "version": self.resolved.version,
-                "run_id": self.resolved.run_id, "model_id": self.resolved.model_id,
+                "origin_bytes": self.origin_bytes, "peer_bytes": self.peer_bytes, "name": self.resolved.name,
+                "version": self.resolved.version, "run_id": self.resolved.run_id, "model_id": self.resolved.model_id,
                 "offline": self.resolved.offline, "note": self.resolved.note})
 
 

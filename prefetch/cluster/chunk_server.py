@@ -31,8 +31,7 @@ class ChunkServer:
     def __init__(self, host: str, locate: Locate, on_sent: OnSent, port: int = 0):
         self.secret = secrets.token_urlsafe(32)
         handler = _handler(self.secret, locate, on_sent)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), handler)
         self.url = f"http://{host}:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="prefetch-chunk-server", daemon=True)
         self._thread.start()
@@ -40,6 +39,14 @@ class ChunkServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A reader that went away mid-chunk (timed out, its node removed) is its own business: no traceback on
+        the agent's stderr. It routes around us and the chunk is fetched elsewhere."""
 
 
 def _handler(secret: str, locate: Locate, on_sent: OnSent):

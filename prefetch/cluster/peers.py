@@ -95,8 +95,12 @@ class PeerTracker:
         self.book.join(key, grid, node, concurrency)
 
     def _seed(self, key: str, grid: int, joiner: str) -> None:
+        """Before the first join of a swarm the book does not know (new, forgotten when idle, or a restarted
+        tracker): ask every other agent what it holds. Joiners meanwhile wait for that answer."""
         with self.lock:
             event = self.seeding.get((key, grid))
+            if event is None and self.book.known(key, grid):
+                return
             first = event is None
             if first:
                 event = self.seeding[(key, grid)] = threading.Event()
@@ -123,6 +127,9 @@ class PeerTracker:
                     self.servers[pending[ref]] = tuple(held["server"])
                     self.book.seed(key, grid, pending[ref], held["chunks"])
         finally:
+            self.book.seed(key, grid, joiner, {})     # the swarm is known from now on, even if nobody held a chunk
+            with self.lock:
+                self.seeding.pop((key, grid), None)
             event.set()
 
     def route(self, key: str, grid: int, node: str, cid: str) -> dict:
