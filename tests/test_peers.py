@@ -415,3 +415,27 @@ def test_a_node_that_joins_during_a_warm_takes_part(on_rig, s3):
         assert origin < 1.3 * model.size
     finally:
         on_rig.remove_node(joiner)
+
+
+def test_a_node_with_peers_off_takes_everything_from_the_origin_and_serves_nobody(on_rig, s3):
+    """PREFETCH_PEERS=0 in a node's environment: its agent neither reads chunks from others nor serves any."""
+    import ray
+
+    from prefetch.cluster import get_or_create_agent
+
+    model = Model(s3, "peers-off")
+    holder = list(on_rig.dirs)[0]
+    assert ray.get(_agents(on_rig)[holder].warm.remote(model.uri))["ok"]
+    loner = on_rig.add_node("loner", env={"PREFETCH_PEERS": "0"})
+    try:
+        agent = get_or_create_agent(loner.node_id)
+        assert ray.get(agent.ready.remote(), timeout=120)["chunk_server"] is None
+        before = _origin(s3)
+        row = ray.get(agent.warm.remote(model.uri), timeout=300)
+        origin = _origin(s3) - before
+        assert row["ok"] and (row["origin_bytes"], row["peer_bytes"]) == (model.size, 0), row
+        assert origin >= model.size
+        model.assert_on(on_rig.dirs[loner.node_id], row["key"])
+        assert ray.get(agent.chunk_map.remote(row["key"], MiB))["server"] is None   # nothing offered to others
+    finally:
+        on_rig.remove_node(loner)
