@@ -25,7 +25,9 @@ from tests.harness.ray_rig import Rig, wait_for
 from tests.helpers import assert_clean_error, run_cli
 
 MiB = 1 << 20
-NODE_ENV = {"PREFETCH_CHUNK_BYTES": "1MiB", "PREFETCH_PEER_TIMEOUT": "5"}
+# 1 MiB chunks: a ~11 MiB model is a swarm of 16. A rate floor of 1 KiB/s: the tests that slow the uplink to keep
+# a transfer going (a node removed or joining meanwhile) share it among ~20 connections.
+NODE_ENV = {"PREFETCH_CHUNK_BYTES": "1MiB", "PREFETCH_PEER_TIMEOUT": "5", "PREFETCH_MIN_RATE": "1KiB"}
 WIDE = {"COLUMNS": "250"}
 
 
@@ -387,7 +389,7 @@ def test_a_node_that_joins_during_a_warm_takes_part(on_rig, s3):
     from prefetch.cluster import get_or_create_agent
 
     model = Model(s3, "joiner")
-    s3.proxy.set_uplink(MiB // 2)                            # ~20 s of origin transfer: time for a node to join
+    s3.proxy.set_uplink(256 << 10)                           # ~45 s of origin transfer: time for a node to join
     result: dict = {}
 
     def warm() -> None:
