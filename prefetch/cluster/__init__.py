@@ -1,6 +1,8 @@
 """The Ray cluster layer: one agent per node (agent.py), the desired-set controller (controller.py), what a
 caller runs against the whole cluster (fanout.py), the Ray-free reconcile state machine (state.py), the desired
-set (desired.py), who "this node" is (node.py), and every private Ray call (compat.py).
+set (desired.py), who "this node" is (node.py), chunks between nodes (peers.py: the tracker and the source that
+routes each chunk; swarm.py: the tracker's Ray-free rules; chunk_server.py: what an agent serves), the named
+actors (names.py), and every private Ray call (compat.py).
 
     from prefetch.cluster import connect, warm_cluster, cluster_status
 
@@ -20,6 +22,7 @@ _LAZY = {
     "NAMESPACE": "agent", "agent_name": "agent", "get_agent": "agent", "get_or_create_agent": "agent",
     "warm_via_local_agent": "agent", "NodeAgent": "agent", "ActorAgentWrapper": "agent",
     "CONTROLLER_NAME": "controller", "get_controller": "controller", "controller_desired": "controller",
+    "TRACKER_NAME": "names", "get_or_create_tracker": "peers",
     # the state machine and the desired set
     "AgentStatus": "state", "AgentWrapper": "state", "AgentState": "state", "AgentStateManager": "state",
     "DesiredSet": "desired", "parse_models": "desired", "load_models": "desired", "validate_uris": "desired",

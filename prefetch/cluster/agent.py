@@ -10,7 +10,9 @@ nothing again. What it adds to the library:
 - `status`: the cache (size, objects), in-flight downloads of *any* process on the node, with progress
   (from the staging dirs' `.inflight.json` and the bytes already allocated there), recent warms, the desired set;
 - a desired set (`set_desired`): URIs kept warm and pinned, mutable ones (@alias, latest, a stage) re-resolved
-  every interval by a background thread (prefetch.cluster.desired), so a moved alias is fetched with no command.
+  every interval by a background thread (prefetch.cluster.desired), so a moved alias is fetched with no command;
+- peers (prefetch.cluster.peers): its misses take chunks from other nodes, and its chunk server
+  (prefetch.cluster.chunk_server) serves this node's store to theirs (`chunk_map` says what it holds).
 
 Also here: finding and creating agents (`get_or_create_agent`, `get_agent`, `warm_via_local_agent`) and
 `ActorAgentWrapper`, the Ray-backed form of the state machine's AgentWrapper (prefetch.cluster.state).
@@ -33,7 +35,8 @@ from ..store import Store
 from ..store.quarantine import quarantined
 from . import compat
 from .desired import DesiredSetLoop
-from .names import AGENT_PREFIX, NAMESPACE, agent_name, get_agent  # noqa: F401  (re-exported)
+from . import peers as peer_chunks
+from .names import NAMESPACE, agent_name, get_agent  # noqa: F401  (re-exported: callers find agents here)
 from .node import current_node_id, ray_if_initialized
 from .state import AgentWrapper
 
@@ -66,8 +69,8 @@ class NodeAgent:
         self._active: dict[int, dict] = {}
         self._next_op = 0
         self._metrics_server = None
-        self.metrics_url = None if self._settings_error else self._start_metrics()
         self._chunk_server = None
+        self.metrics_url = None if self._settings_error else self._start_metrics()
         if not self._settings_error and self.settings.peers and ray_if_initialized() is not None:
             self._chunk_server = self._start_chunk_server()
             # The cluster's peer tracker, started now rather than by this node's first miss (an actor start is
@@ -89,7 +92,7 @@ class NodeAgent:
     def _identity(self) -> dict:
         return {"node_id": self.node_id, "node_ip": self._node_ip(), "cache_dir": str(self.settings.cache_dir),
                 "pid": os.getpid(), "started_at": self.started_at, "metrics_url": self.metrics_url,
-                "chunk_server": self._chunk_server.url if getattr(self, "_chunk_server", None) else None}
+                "chunk_server": self._chunk_server.url if self._chunk_server else None}
 
     def _start_metrics(self) -> str | None:
         """Serve the node's Prometheus metrics (prefetch/metrics.py) from the agent: it does the node's warms, so
@@ -113,12 +116,10 @@ class NodeAgent:
 
     @staticmethod
     def _start_tracker() -> None:
-        from .peers import get_or_create_tracker
-
         if ray_if_initialized() is None:    # a plain NodeAgent (no Ray): nothing to start, and never start Ray
             return
         try:
-            get_or_create_tracker()
+            peer_chunks.get_or_create_tracker()
         except Exception:  # noqa: BLE001 - a warm that misses tries again, and goes to the origin without one
             pass
 
@@ -134,7 +135,6 @@ class NodeAgent:
     def _warm(self, uri: str, format: str, convert_options: dict | None, caller: str,
               settings: Settings | None = None, peers: bool = True) -> "Warmed":
         from ..api import warm
-        from . import peers as peer_chunks
 
         settings = settings or self.settings
         factory = None
@@ -164,8 +164,8 @@ class NodeAgent:
 
     def _record(self, row: dict) -> dict:
         with self._lock:
-            self._recent.append({k: row.get(k) for k in ("uri", "key", "version", "ok", "hit", "bytes",
-                                                          "origin_bytes", "peer_bytes", "seconds", "caller", "error", "at")})
+            self._recent.append({k: row.get(k) for k in ("uri", "key", "version", "ok", "hit", "bytes", "origin_bytes",
+                                                          "peer_bytes", "seconds", "caller", "error", "at")})
         return row
 
     def _row(self, uri: str, format: str, convert_options: dict | None, caller: str,
@@ -215,7 +215,6 @@ class NodeAgent:
     def _start_chunk_server(self):
         """This node's chunk server (prefetch/cluster/chunk_server.py), on the node's IP: what peers read from.
         PREFETCH_PEER_PORT fixes its port (a firewall rule); unset, or taken, a free port is used."""
-        from . import peers
         from .chunk_server import ChunkServer
 
         host = self._node_ip() or "127.0.0.1"
@@ -224,7 +223,8 @@ class NodeAgent:
         wanted = int(raw) if raw.isdigit() and int(raw) < 65536 else 0
         for port in dict.fromkeys((wanted, 0)):
             try:
-                return ChunkServer(host, lambda key, path: peers.locate(store, key, path), peers.served, port)
+                return ChunkServer(host, lambda key, path: peer_chunks.locate(store, key, path), peer_chunks.served,
+                                   port)
             except OSError:
                 continue
         return None
@@ -235,9 +235,7 @@ class NodeAgent:
     def chunk_map(self, key: str, grid: int) -> dict:
         """What this node holds of key on a chunk grid ({"chunks": chunk id -> sha256, "server": (url, secret)}),
         for a tracker seeding its swarm."""
-        from . import peers
-
-        return {"chunks": peers.chunk_map(Store(self.settings.cache_dir), key, grid), "server": self._server()}
+        return {"chunks": peer_chunks.chunk_map(Store(self.settings.cache_dir), key, grid), "server": self._server()}
 
     def ls(self) -> list[dict]:
         from ..api import list_objects
@@ -270,9 +268,7 @@ class NodeAgent:
             doc["active"] = [dict(v) for v in self._active.values()]
             doc["recent"] = list(self._recent)[-10:]
         doc["desired"] = self._desired.status()
-        from .peers import counters
-
-        doc["transfer"] = counters()      # since the agent started: origin and peer bytes, chunks rejected
+        doc["transfer"] = peer_chunks.counters()      # since the agent started: origin and peer bytes, chunks rejected
         return doc
 
     # -- the desired set (prefetch.cluster.desired) ---------------------------------------------------------------
