@@ -47,6 +47,10 @@ WAIT_POLL = (0.05, 0.5)     # first and longest pause before asking again about 
 # and release the chunk well before this; fetching it twice would only split the same uplink further.
 WAIT_MAX = 600.0
 SEED_TIMEOUT = 3.0          # a tracker seeding a new swarm waits this long for the agents' answers
+# How long a tracker may take to answer. A dead tracker fails a call at once (the actor is gone); these bound a
+# slow one: the first join may wait for the tracker's own start (a new actor process: seconds, more under load).
+TRACKER_TIMEOUT = 30.0
+TRACKER_START_TIMEOUT = 120.0
 assert HEARTBEAT_TTL >= 3 * HEARTBEAT_EVERY
 
 
@@ -267,7 +271,7 @@ class PeerSource:
         self._inflight = _Inflight(data, files, grid)
         with _inflight_lock:
             _inflight[(key, grid)] = self._inflight
-        self._call("join", key, grid, node, concurrency, server, wait=True)
+        self._call("join", key, grid, node, concurrency, server, wait=TRACKER_START_TIMEOUT)
         self._beat = threading.Thread(target=self._heartbeat, name="prefetch-peer-heartbeat", daemon=True)
         self._beat.start()
 
@@ -403,9 +407,10 @@ class PeerSource:
             if text not in self.notes and len(self.notes) < 10:
                 self.notes.append(text)
 
-    def _call(self, method: str, *args, wait: bool = False):
-        """One tracker call; waited for when its answer is needed. A tracker that fails turns this download into
-        an origin-only one (said in the notes), never into a failed warm."""
+    def _call(self, method: str, *args, wait: bool | float = False):
+        """One tracker call; waited for when its answer is needed (wait=True: up to TRACKER_TIMEOUT; a number:
+        that many seconds). A tracker that fails turns this download into an origin-only one (said in the notes),
+        never into a failed warm."""
         if self._broken:
             return None
         try:
@@ -414,7 +419,7 @@ class PeerSource:
                 return None
             import ray
 
-            return ray.get(ref, timeout=max(self.timeout, 5.0))
+            return ray.get(ref, timeout=TRACKER_TIMEOUT if wait is True else float(wait))
         except Exception as e:  # noqa: BLE001
             self._broken = True
             self._note(f"the peer tracker failed ({type(e).__name__}); the rest came from the origin")
