@@ -12,11 +12,15 @@ from urllib.parse import urlparse
 
 from ..config import Settings
 from ..errors import BadSetting, IntegrityError, NotFound, Unreachable
-from ..integrity import OriginChanged, OriginFacts
+from ..integrity import OriginChanged, OriginFacts, plan
 from .base import FileEntry, TransientError, safe_relpath
 
 _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken", "403"}
 _MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
+# A multipart ETag is checked through its parts' sizes (one HEAD each) up to this many parts.
+MAX_PART_HEADS = 64
+# Full-object checksums S3 may have stored at upload, by the name integrity.py checks them under.
+_FULL_OBJECT = {"sha256": "ChecksumSHA256", "crc32c": "ChecksumCRC32C", "crc32": "ChecksumCRC32"}
 _clients: dict = {}
 _clients_lock = threading.Lock()
 
@@ -112,6 +116,55 @@ class S3Prefix:
     def identity(self) -> dict:
         return {"origin": "s3", "endpoint": endpoint_url() or "aws", "bucket": self.bucket}
 
+    def _record(self, rel: str, key: str, etag: str | None) -> str:
+        """Remember a listed key under its checked path; two keys that are one path here are refused."""
+        path = safe_relpath(rel, self.uri)
+        if path in self._keys:
+            raise IntegrityError(f"listing keys {self._keys[path][0]!r} and {key!r} are one path {path!r} here; "
+                                 "refusing to guess which one is meant", self.uri)
+        self._keys[path] = (key, etag)
+        return path
+
+    def _head_client(self):
+        """The boto3 client that sends the few HEADs a transport may not (part sizes, stored checksums)."""
+        raise NotImplementedError
+
+    def origin_facts(self, entry: FileEntry) -> OriginFacts:
+        """What S3 says about the content, the same for both transports. A single-part ETag is the MD5 already (no
+        request); a multipart one is checkable once each part's size is known: one HEAD per part (PartNumber), for
+        up to MAX_PART_HEADS parts, sent in parallel. Otherwise one HEAD with ChecksumMode=ENABLED asks for a
+        FULL_OBJECT checksum stored at upload (a multipart object's COMPOSITE "<crc>-N" checksums are not one)."""
+        key, etag = self._key(entry.path)
+        etag = etag or entry.etag
+        facts = OriginFacts(etag=etag)
+        if plan(facts, entry.size) == "md5" or not etag:
+            return facts
+        parts = facts.multipart_parts
+        pin = {"IfMatch": f'"{etag}"'}
+        try:
+            client = self._head_client()
+            if parts and parts <= MAX_PART_HEADS:
+                from concurrent.futures import ThreadPoolExecutor
+
+                def head(n: int) -> dict:
+                    return client.head_object(Bucket=self.bucket, Key=key, PartNumber=n, **pin)
+
+                with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
+                    heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
+                return OriginFacts(etag=etag, version_id=heads[0].get("VersionId"),
+                                   part_sizes=tuple(int(h["ContentLength"]) for h in heads))
+            head = client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **pin)
+        except Exception as e:  # noqa: BLE001
+            err = translate(e, self.uri, f"HEAD {key}")
+            if isinstance(err, (OriginChanged, TransientError, Unreachable, NotFound, BadSetting)):
+                raise err from None
+            return facts
+        checksums = {}
+        if head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+            checksums = {kind: head[field] for kind, field in _FULL_OBJECT.items()
+                         if head.get(field) and "-" not in head[field]}
+        return OriginFacts(etag=etag, version_id=head.get("VersionId"), checksums=checksums)
+
     def _key(self, path: str) -> tuple[str, str | None]:
         if path in self._keys:
             return self._keys[path]
@@ -124,6 +177,9 @@ class S3Source(S3Prefix):
         super().__init__(uri)
         self.client = s3_client(settings)
 
+    def _head_client(self):
+        return self.client
+
     def list(self) -> list[FileEntry]:
         prefix = f"{self.prefix}/" if self.prefix else ""
         entries: list[FileEntry] = []
@@ -133,12 +189,8 @@ class S3Source(S3Prefix):
                     rel = obj["Key"][len(prefix):]
                     if not rel or rel.endswith("/"):
                         continue  # directory markers
-                    path, etag = safe_relpath(rel, self.uri), obj.get("ETag", "").strip('"') or None
-                    if path in self._keys:
-                        raise IntegrityError(f"listing keys {self._keys[path][0]!r} and {obj['Key']!r} are one path "
-                                             f"{path!r} here; refusing to guess which one is meant", self.uri)
-                    self._keys[path] = (obj["Key"], etag)
-                    entries.append(FileEntry(path, int(obj["Size"]), etag))
+                    etag = obj.get("ETag", "").strip('"') or None
+                    entries.append(FileEntry(self._record(rel, obj["Key"], etag), int(obj["Size"]), etag))
             if not entries and self.prefix:
                 head = self.client.head_object(Bucket=self.bucket, Key=self.prefix)
                 self._single = True
@@ -150,35 +202,6 @@ class S3Source(S3Prefix):
         except Exception as e:  # noqa: BLE001 - translated, or re-raised as is
             raise translate(e, self.uri, "listing") from None
         return sorted(entries, key=lambda f: f.path)
-
-    def origin_facts(self, entry: FileEntry) -> OriginFacts:
-        """What S3 says about the content. A single-part ETag is the MD5 already (no request); a multipart one is
-        checkable once each part's size is known: one HEAD per part (PartNumber), for up to 64 parts, sent in
-        parallel. (A multipart object's stored checksums are COMPOSITE, "<crc>-N": not a full-object check.)"""
-        key, etag = self._key(entry.path)
-        etag = etag or entry.etag
-        facts = OriginFacts(etag=etag)
-        parts = facts.multipart_parts
-        if not parts or parts > 64:
-            return facts
-        from concurrent.futures import ThreadPoolExecutor
-
-        def head(n: int) -> dict:
-            return self.client.head_object(Bucket=self.bucket, Key=key, PartNumber=n,
-                                           **({"IfMatch": f'"{etag}"'} if etag else {}))
-
-        checksums: dict = {}
-        try:
-            with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
-                heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
-            sizes = [int(h["ContentLength"]) for h in heads]
-            version = heads[0].get("VersionId")
-        except Exception as e:  # noqa: BLE001
-            err = translate(e, self.uri, f"HEAD {key}")
-            if isinstance(err, (OriginChanged, TransientError, Unreachable, NotFound)):
-                raise err from None
-            return facts
-        return OriginFacts(etag=etag, version_id=version, checksums=checksums, part_sizes=tuple(sizes))
 
     def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         key, etag = self._key(path)
