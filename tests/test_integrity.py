@@ -27,6 +27,14 @@ MiB = 1 << 20
 BASELINE_COMMIT = "a0c7105b17729aadcd3737619062a408f48b154a"
 
 
+@pytest.fixture(autouse=True, params=["native", "boto3"])
+def transport(request, monkeypatch, isolated_env):
+    """Every test here runs through both S3 transports: native (obstore, the default) and boto3. The warms they
+    start (processes included) inherit PREFETCH_TRANSPORT."""
+    monkeypatch.setenv("PREFETCH_TRANSPORT", request.param)
+    return request.param
+
+
 @pytest.fixture
 def proxy(s3):
     p = harness.LinkProxy("127.0.0.1", s3.s3_port).start()

@@ -60,7 +60,7 @@ def _resolve_credentials(uri: str):
     used as they are, without importing boto3 (0.15 CPU-s and a second of wall time per process on a loaded
     node); anything else (AWS_PROFILE, ~/.aws, SSO, instance or container roles) goes through boto3's chain."""
     env_key, env_secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if env_key and env_secret:
+    if env_key and env_secret and not os.environ.get("AWS_PROFILE"):   # (a named profile must exist: boto3 says)
         frozen = _Frozen(env_key, env_secret, os.environ.get("AWS_SESSION_TOKEN") or None)
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
         return frozen, None, region
