@@ -4,12 +4,18 @@ every knob, a manager that runs the work on a pool of workers, progress sent to 
 - Every file is cut into a grid of `chunk_bytes` chunks. Files at least `multipart_threshold` big get one GET per
   chunk, fetched in parallel; smaller files are one GET streaming through their chunks. All files and chunks share
   one pool of `max_concurrency` workers (concurrency across files is what wins on a far link with many files).
-- Bounded memory: a worker writes each block to its offset (pwrite) as it arrives and hashes it into its chunk's
-  sha256; nothing waits in memory for an earlier range. The whole-file sha256 (and the origin's MD5/checksum,
-  prefetch/integrity.py) is computed in order by reading the finished prefix back from the page cache, one 4 MiB
-  block at a time. So at any moment this process holds at most `max_concurrency` read blocks (<= 1 MiB each) plus
-  one hashing block: below `(max_concurrency + 2) x chunk_bytes` whatever the completion order or the model size
-  (s3transfer bounds the same thing with its SlidingWindowSemaphore).
+- Bounded memory: a worker writes each block to its offset (pwrite) as it arrives, from the buffer the source
+  returned (a memoryview of it, never a copy), and hashes it into its chunk's sha256; nothing waits in memory for
+  an earlier range. The whole-file sha256 and the origin's MD5/checksum (prefetch/integrity.py) need the bytes in
+  file order, in one pass: the worker whose span starts where a file's in-order hashing stands (a small file's one
+  stream, a big file's first chunk) feeds them from the blocks it holds; the chunks other workers wrote are read
+  back from the page cache, one 4 MiB block at a time, into both hashers at once. A one-chunk file's sha256 is its
+  chunk's (not hashed twice), and with no origin check it is never read back. So at any moment this process holds
+  at most `max_concurrency` read blocks (<= 1 MiB each) plus one hashing block: below `(max_concurrency + 2) x
+  chunk_bytes` whatever the completion order or the model size (s3transfer bounds the same thing with its
+  SlidingWindowSemaphore).
+- The origin's facts about each file (what its bytes are checked against: an ETag, part sizes, a stored
+  checksum) are asked once, before the first GET; the files that need a request for them ask all at once.
 - Durable progress: a chunk is recorded done in the journal (prefetch/store/journal.py) only after its bytes are
   fdatasynced (group-committed every FLUSH_EVERY seconds by one thread, so workers never wait on the disk); a
   resume skips recorded chunks and re-hashes them from disk against their recorded sha256.
