@@ -476,12 +476,16 @@ def test_names_that_used_to_clash_with_temporary_files_are_cached(s3, proxy, cac
 
 
 def _rewrite_listing(proxy, prefix: str, change) -> None:
-    """Rewrite the next ListObjectsV2 answer for prefix: change(xml text) -> xml text."""
-    proxy.add_fault("rewrite", b"list-type=2", rewrite=lambda body: change(body.decode()).encode())
+    """From now on, rewrite every ListObjectsV2 answer for prefix: change(xml text) -> xml text (a server whose
+    listing says so: a client that lists again, as the native transport does through boto3 when obstore cannot
+    name a key, sees the same)."""
+    proxy.clear_faults()
+    proxy.add_fault("rewrite", b"list-type=2", rewrite=lambda body: change(body.decode()).encode(), count=1000)
 
 
 def _contents(key: str, size: int) -> str:
-    return f"<Contents><Key>{key}</Key><Size>{size}</Size><ETag>&#34;{'0' * 32}&#34;</ETag></Contents>"
+    return (f"<Contents><Key>{key}</Key><LastModified>2026-12-01T00:00:00.000Z</LastModified><Size>{size}</Size>"
+            f"<ETag>&#34;{'0' * 32}&#34;</ETag></Contents>")
 
 
 def test_listing_keys_are_fetched_exactly_and_impossible_names_refused(s3, proxy, cache_dir):

@@ -25,6 +25,7 @@ from .s3 import S3Prefix, S3Source, endpoint_url, s3_client
 # the socket, so a reset mid-range is resumed from the byte reached, and memory stays a few blocks per request.
 # (Measured: streaming in 1 MiB blocks costs no more CPU per GiB than one buffer per 8 MiB range.)
 STREAM_BLOCK = 1 << 20
+MIN_STREAM_BLOCK = 16 << 10
 # How long a refreshable credential (instance role, SSO, assumed role) is trusted before obstore asks boto3 again;
 # boto3 refreshes it itself inside its own advisory window when asked.
 CREDENTIAL_TTL = timedelta(minutes=5)
@@ -188,6 +189,9 @@ class NativeS3Source(S3Prefix):
         self.settings = settings
         self.store = s3_store(self.bucket, settings, uri)
         self._boto3_source: S3Source | None = None
+        # obstore hands a block over only once it is whole: a connection at half the rate floor must still
+        # deliver one per rate window, or the engine could not see that it trickles (1 MiB with the defaults).
+        self.block = max(MIN_STREAM_BLOCK, min(STREAM_BLOCK, int(settings.min_rate * settings.min_rate_window / 2)))
 
     def _head_client(self):
         return s3_client(self.settings)
@@ -222,7 +226,9 @@ class NativeS3Source(S3Prefix):
         except PrefetchError:
             raise
         except Exception as e:  # noqa: BLE001 - translated, or re-raised as is
-            if _unnameable(e):
+            if _unnameable(e) or "invalid list response" in str(e):
+                # A key obstore's paths cannot name, or a listing its parser refuses (an S3-compatible server
+                # leaving out a field): boto3 lists it, keys exactly as listed.
                 self._keys.clear()
                 entries = self._boto3().list()
                 self._single = self._boto3_source._single
@@ -265,12 +271,14 @@ class NativeS3Source(S3Prefix):
                 return
             raise translate(e, self.uri, f"GET {key}", reading=True) from None
         try:
-            for block in response.stream(min_chunk_size=STREAM_BLOCK):
+            for block in response.stream(min_chunk_size=self.block):
                 yield block
         except Exception as e:  # noqa: BLE001
             raise translate(e, self.uri, f"GET {key}", reading=True) from None
 
 
 def _unnameable(error: Exception) -> bool:
-    """obstore refusing a key it cannot represent as one of its paths (not an answer from S3)."""
-    return isinstance(error, ValueError) and "parse path" in str(error).lower()
+    """obstore refusing a key it cannot represent as one of its paths ('a//b', 'a/./b'): not an answer from S3.
+    (A ValueError when we name the key; "invalid path" when a listing holds it.)"""
+    text = str(error).lower()
+    return "parse path" in text or "error parsing path" in text or "invalid path" in text
