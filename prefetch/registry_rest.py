@@ -151,9 +151,7 @@ def model_version(registry_uri: str, tracking_uri: str, uri: str, name: str, *, 
         if stage is not None:
             candidates = [m for m in candidates if (m.get("current_stage") or "").lower() == stage.lower()]
         if not candidates:
-            from .registry import STAGES
-
-            where = f"in stage '{STAGES[stage.lower()]}'" if stage else "at all"
+            where = f"in stage '{stage}'" if stage else "at all"
             raise NotFound(f"registered model '{name}' has no version {where}", uri)
         mv = max(candidates, key=lambda m: int(m["version"]))
     _not_a_prompt(mv.get("tags"), name, uri)
