@@ -221,3 +221,52 @@ def test_proxied_mlflow_artifacts_are_sent_once(mlflow_proxied, use_env, tmp_pat
     total = rec["total_bytes"]
     assert sent["probed-native"] < 1.2 * total, (sent, total)
     assert sent["ranged"] > 1.8 * total, (sent, total)
+
+
+def _multipart_with_crc32(client, key: str, kind: str, bodies: list[bytes]) -> None:
+    """A multipart upload with a CRC32 per part, and for FULL_OBJECT the whole object's CRC32 stored by S3."""
+    import base64
+    import zlib
+
+    up = client.create_multipart_upload(Bucket="models", Key=key, ChecksumAlgorithm="CRC32", ChecksumType=kind)
+    parts = []
+    for n, body in enumerate(bodies, 1):
+        r = client.upload_part(Bucket="models", Key=key, PartNumber=n, UploadId=up["UploadId"], Body=body,
+                               ChecksumAlgorithm="CRC32")
+        parts.append({"PartNumber": n, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]})
+    full = base64.b64encode(zlib.crc32(b"".join(bodies)).to_bytes(4, "big")).decode()
+    client.complete_multipart_upload(Bucket="models", Key=key, UploadId=up["UploadId"],
+                                     MultipartUpload={"Parts": parts},
+                                     **({"ChecksumCRC32": full, "ChecksumType": kind} if kind == "FULL_OBJECT" else {}))
+
+
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_past_max_part_heads_a_stored_full_object_checksum_is_the_check(transport, s3, use_env, tmp_path,
+                                                                        monkeypatch, fresh_pool):
+    """A multipart ETag with more parts than MAX_PART_HEADS: one HEAD with ChecksumMode=ENABLED instead of one
+    per part; a FULL_OBJECT CRC32 stored at upload is then the origin check (a COMPOSITE one is not), and it
+    catches a byte flipped in transit. Below the limit the same objects are checked by their parts' MD5s."""
+    from prefetch.sources import s3 as s3_module
+
+    client = s3.client(endpoint=s3.direct_endpoint)
+    bodies = [os.urandom(5 * MiB), os.urandom(1000)]
+    _multipart_with_crc32(client, "fullck/full.bin", "FULL_OBJECT", bodies)
+    _multipart_with_crc32(client, "fullck/composite.bin", "COMPOSITE", bodies)
+    proxy = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    try:
+        use_env({**s3.env(proxy.url), "PREFETCH_TRANSPORT": transport})
+
+        def checks(cache: str) -> dict[str, str]:
+            w = prefetch.warm("s3://models/fullck", settings=Settings.load(cache_dir=tmp_path / cache))
+            assert (w.path / "full.bin").read_bytes() == b"".join(bodies)
+            return {f.path: f.origin_check for f in Store(tmp_path / cache).lookup(w.key).files}, w
+
+        assert checks("parts")[0] == {"full.bin": "md5", "composite.bin": "md5"}
+        monkeypatch.setattr(s3_module, "MAX_PART_HEADS", 1)
+        assert checks("checksum")[0] == {"full.bin": "crc32", "composite.bin": "none"}
+        proxy.add_fault("flip", b"fullck/full.bin", after=4321)
+        flipped, w = checks("flipped")
+    finally:
+        proxy.stop()
+    assert flipped["full.bin"] == "crc32" and proxy.stats()["faults_served"] == 1
+    assert "full.bin" in (w.resolved.note or ""), w.resolved.note   # fetched again; the second copy committed
