@@ -9,8 +9,10 @@ every knob, a manager that runs the work on a pool of workers, progress sent to 
   an earlier range. The whole-file sha256 and the origin's MD5/checksum (prefetch/integrity.py) need the bytes in
   file order, in one pass: the worker whose span starts where a file's in-order hashing stands (a small file's one
   stream, a big file's first chunk) feeds them from the blocks it holds; the chunks other workers wrote are read
-  back from the page cache, one 4 MiB block at a time, into both hashers at once. A one-chunk file's sha256 is its
-  chunk's (not hashed twice), and with no origin check it is never read back. So at any moment this process holds
+  back from the page cache, one 4 MiB block at a time, into both hashers at once. When a multipart ETag's parts
+  are the chunks, each part's MD5 is taken by the worker beside the chunk's sha256 (in parallel, in any order),
+  so the in-order pass is one sha256. A one-chunk file's sha256 is its chunk's (not hashed twice), and with no
+  origin check it is never read back. So at any moment this process holds
   at most `max_concurrency` read blocks (<= 1 MiB each) plus one hashing block: below `(max_concurrency + 2) x
   chunk_bytes` whatever the completion order or the model size (s3transfer bounds the same thing with its
   SlidingWindowSemaphore).
@@ -102,6 +104,13 @@ class _File:
         # A one-chunk file's sha256 is its chunk's: no second sha256 of the same bytes.
         self.sha256 = hashlib.sha256() if self.n > 1 or not self.n else None
         self.checker = Checker(self.facts, self.entry.size)
+        # A multipart ETag whose parts are exactly this file's chunks (8 MiB parts, 8 MiB chunks: the common case):
+        # each part's MD5 is taken by the worker that has its bytes, in parallel, not in the in-order pass.
+        sizes = self.checker.part_sizes
+        self.parts_apart = bool(sizes) and len(sizes) == self.n and all(
+            size == self.bounds(i)[1] - self.bounds(i)[0] for i, size in enumerate(sizes))
+        if self.parts_apart:
+            self.checker.take_parts_apart()
         self.result: str | None = None
 
     def whole_file(self, data) -> None:
@@ -319,6 +328,7 @@ class _Run:
         offset, chunk = start, lo
         chunk_end = state.bounds(chunk)[1]
         hasher = hashlib.sha256()
+        part = hashlib.md5() if state.parts_apart else None
         attempt = 0
         while True:
             if self.cancelled.is_set():
@@ -336,12 +346,17 @@ class _Run:
                         piece = view[:chunk_end - offset]
                         _pwrite_all(fd, piece, offset)
                         hasher.update(piece)
+                        if part is not None:
+                            part.update(piece)
                         if feeding:
                             state.whole_file(piece)
                         offset += len(piece)
                         view = view[len(piece):]
                         if offset == chunk_end:
                             sha = hasher.hexdigest()
+                            if part is not None:
+                                state.checker.add_part(chunk, part.digest())
+                                part = hashlib.md5()
                             # Journaled (by the flusher, once durable) only for files of several chunks: a
                             # one-chunk file lost in a crash costs one small GET; the commit fsyncs it.
                             if state.n > 1:
@@ -434,6 +449,7 @@ class _Run:
         again = hashlib.sha256() if index in state.resumed else None
         if again is None and not state.needs_bytes:
             return True               # a one-chunk file with no origin check: its chunk sha256 is the file's
+        part = hashlib.md5() if again is not None and state.parts_apart else None   # (the journal has no MD5s)
         start, end = state.bounds(index)
         with open(state.path, "rb") as f:
             f.seek(start)
@@ -445,7 +461,11 @@ class _Run:
                 state.whole_file(block)
                 if again is not None:
                     again.update(block)
+                if part is not None:
+                    part.update(block)
                 remaining -= len(block)
+        if part is not None:
+            state.checker.add_part(index, part.digest())
         return not remaining and (again is None or again.hexdigest() == state.done[index])
 
     def _finish(self, state: _File) -> None:

@@ -288,6 +288,26 @@ def test_a_staged_chunk_damaged_on_disk_is_not_trusted_on_resume(s3, cache_dir, 
     assert "w.bin" in result["note"]
 
 
+def test_a_resumed_file_checked_by_its_parts_keeps_its_durable_chunks(s3, cache_dir, tmp_path):
+    """Parts = chunks, killed midway: the journal records sha256s only, so the resumed chunks' MD5s are taken again
+    from disk; the resume keeps them and the ETag still matches (no start over from scratch)."""
+    size, part = 40 * MiB, 5 * MiB
+    blob = _upload_in_parts(s3, tmp_path, "parts-resume/w.bin", size, part, seed=47)
+    slow = harness.LinkProxy("127.0.0.1", s3.s3_port, rate_bytes_per_s=4 * MiB).start()
+    env = {**s3.env(slow.url), "PREFETCH_MAX_CONCURRENCY": "2", "PREFETCH_CHUNK_BYTES": str(part),
+           "PREFETCH_MULTIPART_THRESHOLD": str(part)}
+    try:
+        _kill_midway("s3://models/parts-resume", env, cache_dir, size, journaled=3)
+        slow.reset()
+        result = cli_json("warm", "s3://models/parts-resume", env=env)["results"][0]
+        fetched = slow.stats()["bytes_out"]
+    finally:
+        slow.stop()
+    assert _committed(result) == {"w.bin": sha256_file(blob)}
+    assert _manifest_files(result)["w.bin"]["origin_check"] == "md5"
+    assert fetched < size * 0.8 and "w.bin" not in (result["note"] or ""), (fetched, result["note"])
+
+
 def _registered(mlflow_direct, s3, use_env, name: str, size: int) -> tuple[str, str]:
     """A registry version (its key does not depend on the bytes) with one big file; (models:/ URI, its S3 key)."""
     use_env(mlflow_direct.env())
@@ -383,6 +403,39 @@ def test_a_byte_flipped_in_transit_is_never_committed(s3, proxy, cache_dir, tmp_
     assert "w.bin" in proc.stderr and "checksum" in proc.stderr and "Traceback" not in proc.stderr
     assert objects_in(cache_dir) == [Path(result["path"]).name]
     assert not list((cache_dir / "staging").iterdir())
+
+
+def _upload_in_parts(s3, tmp_path: Path, key: str, size: int, part: int, seed: int) -> Path:
+    import boto3.s3.transfer
+
+    blob = tmp_path / f"parts-{seed}"
+    harness.write_random_file(blob, size, seed=seed)
+    s3.client(endpoint=s3.direct_endpoint).upload_file(
+        str(blob), "models", key,
+        Config=boto3.s3.transfer.TransferConfig(multipart_threshold=part, multipart_chunksize=part))
+    return blob
+
+
+def test_parts_that_are_the_chunks_are_checked_apart_and_a_flip_is_caught(s3, proxy, use_env, cache_dir, tmp_path,
+                                                                          monkeypatch):
+    """A multipart object whose parts are the transfer's chunks: each part's MD5 is taken beside the chunk's sha256
+    (Checker.add_part, once per part), and a byte flipped in one of them still fails the ETag: fetched again."""
+    from prefetch.integrity import Checker
+    from prefetch.store import Store
+
+    size, part = 20 * MiB + 5, 5 * MiB
+    blob = _upload_in_parts(s3, tmp_path, "apart/w.bin", size, part, seed=72)
+    use_env({**s3.env(proxy.url), "PREFETCH_CHUNK_BYTES": str(part), "PREFETCH_MULTIPART_THRESHOLD": str(part)})
+    proxy.add_fault("flip", b"apart/w.bin", range_start=2 * part, after=999)
+    handed = []
+    real_add = Checker.add_part
+    monkeypatch.setattr(Checker, "add_part", lambda self, i, d: (handed.append(i), real_add(self, i, d)))
+    w = prefetch.warm("s3://models/apart")
+    assert proxy.stats()["faults_served"] == 1
+    assert sha256_file(w.path / "w.bin") == sha256_file(blob)
+    assert {f.path: f.origin_check for f in Store(cache_dir).lookup(w.key).files} == {"w.bin": "md5"}
+    assert sorted(set(handed)) == [0, 1, 2, 3, 4] and len(handed) == 10      # 5 parts, fetched twice
+    assert "w.bin" in (w.resolved.note or "")
 
 
 def test_resets_truncated_bodies_and_5xx_bursts_are_retried_from_where_they_stopped(s3, proxy, cache_dir, tmp_path):
