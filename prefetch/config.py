@@ -36,9 +36,11 @@ TRANSPORTS = ("native", "boto3")
 
 
 def default_transport() -> str:
-    """boto3 until the transfer engine reads native buffers with every origin check (issue I): the native
-    transport (obstore, outside the interpreter) is opt-in with PREFETCH_TRANSPORT=native."""
-    return "boto3"
+    """native (obstore: the bytes move outside the interpreter, with the same origin checks as boto3) when obstore
+    is installed; boto3 otherwise, or when PREFETCH_TRANSPORT=boto3 asks for it."""
+    import importlib.util
+
+    return "native" if importlib.util.find_spec("obstore") is not None else "boto3"
 
 
 def parse_bytes(text: str) -> int:

@@ -14,7 +14,8 @@ change on our disk. What ties them to the origin is one of these, the first the 
              manifest says so.
 The S3 source asks for stored checksums (one HEAD, ChecksumMode=ENABLED) only when the ETag gives no check, and
 keeps only full-object ones: a COMPOSITE "<crc>-N" is a checksum of the parts' checksums, not of the bytes.
-The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), needs no chunk in
+The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), or, for a multipart
+ETag whose parts are the transfer's chunks, over each part wherever its bytes are (add_part); it needs no chunk in
 memory, and a mismatch means the file is fetched again (then exit 5): a byte flipped in transit is never committed.
 """
 from __future__ import annotations
@@ -100,9 +101,23 @@ class Checker:
         self._parts = list(facts.part_sizes) if self.check == "md5" and facts.multipart_parts else None
         self._part_digests: list[bytes] = []
         self._part_left = self._parts.pop(0) if self._parts else None
+        self._apart: dict[int, bytes] | None = None
+
+    @property
+    def part_sizes(self) -> tuple[int, ...] | None:
+        """The parts whose MD5s make the ETag, when that is the check."""
+        return self.facts.part_sizes if self._parts is not None else None
+
+    def take_parts_apart(self) -> None:
+        """Each part's MD5 will be handed over by add_part(), computed wherever that part's bytes are and in any
+        order (a transfer whose chunks are the parts); update() no longer hashes for the ETag."""
+        self._apart = {}
+
+    def add_part(self, index: int, digest: bytes) -> None:
+        self._apart[index] = digest
 
     def update(self, data) -> None:
-        if self.check == "none":
+        if self.check == "none" or self._apart is not None:
             return
         if self._sha is not None:
             self._sha.update(data)
@@ -130,8 +145,11 @@ class Checker:
         elif self.check in ("crc32", "crc32c"):
             got, want = base64.b64encode(self._crc.to_bytes(4, "big")).decode(), self.facts.checksums[self.check]
         elif self.facts.multipart_parts:
-            joined = hashlib.md5(b"".join(self._part_digests)).hexdigest()
-            got, want = f"{joined}-{len(self._part_digests)}", self.facts.etag
+            digests = self._part_digests
+            if self._apart is not None:
+                digests = [self._apart[i] for i in range(len(self.facts.part_sizes)) if i in self._apart]
+            joined = hashlib.md5(b"".join(digests)).hexdigest()
+            got, want = f"{joined}-{len(digests)}", self.facts.etag
         else:
             got, want = self._md5.hexdigest(), self.facts.etag
         return None if got == want else f"{self.check} {got} != origin's {want}"

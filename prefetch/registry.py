@@ -1,6 +1,7 @@
 """MLflow specifics: which tracking/registry server we talk to, and how each `models:/` / `runs:/` form
 becomes an immutable version and a storage location. mlflow is imported only here, and only when a
-registry call is really needed (a cache hit on a pinned version never imports it).
+registry call is really needed (a cache hit on a pinned version never imports it); a registered model version
+on an http(s) tracking server is resolved without it, by MLflow's REST routes (registry_rest.py).
 """
 from __future__ import annotations
 
@@ -53,12 +54,28 @@ def normalize(uri: str) -> str:
     return uri
 
 
-def _client():
+def _http_defaults() -> None:
     # MLflow's REST client retries a refused connection for minutes by default; an operator at a terminal
     # (and a node start-up hook) wants the answer in seconds. The user's own settings win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _rest():
+    """registry_rest when it can answer for the registry in use (an http(s) MLflow server), else None: the
+    mlflow client then (sqlite, file, databricks, plugin auth...)."""
+    from . import registry_rest
+
+    registry, tracking = registry_uri(), tracking_uri()
+    if not registry_rest.applies(registry, tracking):
+        return None
+    _http_defaults()
+    return registry_rest, registry, tracking
+
+
+def _client():
+    _http_defaults()
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=tracking_uri(), registry_uri=registry_uri())
@@ -108,6 +125,16 @@ def _short(text: str) -> str:
 def model_version(uri: str, name: str, *, version: str | None = None, stage: str | None = None,
                   alias: str | None = None) -> dict:
     """One registry call: the immutable version a `models:/` form points at now, with its run and model ids."""
+    rest = _rest()
+    if rest is not None:
+        module, registry, tracking = rest
+        return module.model_version(registry, tracking, uri, name, version=version, stage=stage, alias=alias)
+    return mlflow_model_version(uri, name, version=version, stage=stage, alias=alias)
+
+
+def mlflow_model_version(uri: str, name: str, *, version: str | None = None, stage: str | None = None,
+                         alias: str | None = None) -> dict:
+    """model_version() through the mlflow client (any tracking store)."""
     with mlflow_errors(uri):
         client = _client()
         if version is not None:
@@ -131,6 +158,14 @@ def model_version(uri: str, name: str, *, version: str | None = None, stage: str
 
 def version_storage(uri: str, name: str, version: str) -> str:
     """Where a model version's files are (s3://, mlflow-artifacts:/, a local path)."""
+    rest = _rest()
+    if rest is not None:
+        module, registry, tracking = rest
+        return module.version_storage(registry, tracking, uri, name, version)
+    return mlflow_version_storage(uri, name, version)
+
+
+def mlflow_version_storage(uri: str, name: str, version: str) -> str:
     with mlflow_errors(uri):
         return _client().get_model_version_download_uri(name, version)
 

@@ -4,12 +4,20 @@ every knob, a manager that runs the work on a pool of workers, progress sent to 
 - Every file is cut into a grid of `chunk_bytes` chunks. Files at least `multipart_threshold` big get one GET per
   chunk, fetched in parallel; smaller files are one GET streaming through their chunks. All files and chunks share
   one pool of `max_concurrency` workers (concurrency across files is what wins on a far link with many files).
-- Bounded memory: a worker writes each block to its offset (pwrite) as it arrives and hashes it into its chunk's
-  sha256; nothing waits in memory for an earlier range. The whole-file sha256 (and the origin's MD5/checksum,
-  prefetch/integrity.py) is computed in order by reading the finished prefix back from the page cache, one 4 MiB
-  block at a time. So at any moment this process holds at most `max_concurrency` read blocks (<= 1 MiB each) plus
-  one hashing block: below `(max_concurrency + 2) x chunk_bytes` whatever the completion order or the model size
-  (s3transfer bounds the same thing with its SlidingWindowSemaphore).
+- Bounded memory: a worker writes each block to its offset (pwrite) as it arrives, from the buffer the source
+  returned (a memoryview of it, never a copy), and hashes it into its chunk's sha256; nothing waits in memory for
+  an earlier range. The whole-file sha256 and the origin's MD5/checksum (prefetch/integrity.py) need the bytes in
+  file order, in one pass: the worker whose span starts where a file's in-order hashing stands (a small file's one
+  stream, a big file's first chunk) feeds them from the blocks it holds; the chunks other workers wrote are read
+  back from the page cache, one 4 MiB block at a time, into both hashers at once. When a multipart ETag's parts
+  are the chunks, each part's MD5 is taken by the worker beside the chunk's sha256 (in parallel, in any order),
+  so the in-order pass is one sha256. A one-chunk file's sha256 is its chunk's (not hashed twice), and with no
+  origin check it is never read back. So at any moment this process holds
+  at most `max_concurrency` read blocks (<= 1 MiB each) plus one hashing block: below `(max_concurrency + 2) x
+  chunk_bytes` whatever the completion order or the model size (s3transfer bounds the same thing with its
+  SlidingWindowSemaphore).
+- The origin's facts about each file (what its bytes are checked against: an ETag, part sizes, a stored
+  checksum) are asked once, before the first GET; the files that need a request for them ask all at once.
 - Durable progress: a chunk is recorded done in the journal (prefetch/store/journal.py) only after its bytes are
   fdatasynced (group-committed every FLUSH_EVERY seconds by one thread, so workers never wait on the disk); a
   resume skips recorded chunks and re-hashes them from disk against their recorded sha256.
@@ -36,7 +44,7 @@ from typing import Callable, Sequence
 
 from .config import Settings
 from .errors import IntegrityError, NoSpace, PrefetchError, Unreachable
-from .integrity import Checker, OriginChanged, OriginFacts
+from .integrity import Checker, OriginChanged, OriginFacts, plan
 from .store.journal import Journal, layout_of
 from .sources.base import FileEntry, Source, TransientError
 from .store.staging import data_dir, refuse_impossible_names
@@ -92,10 +100,29 @@ class _File:
         self.done = dict(done)            # chunk index -> sha256, written (the journal makes it durable)
         self.resumed = set(done)          # done by an earlier run: re-hashed from disk and compared
         self.hashed = 0                   # chunks before this index are in the whole-file hashers
-        self.hashing = False
-        self.sha256 = hashlib.sha256()
+        self.hashing = False              # one thread at a time feeds the whole-file hashers
+        # A one-chunk file's sha256 is its chunk's: no second sha256 of the same bytes.
+        self.sha256 = hashlib.sha256() if self.n > 1 or not self.n else None
         self.checker = Checker(self.facts, self.entry.size)
+        # A multipart ETag whose parts are exactly this file's chunks (8 MiB parts, 8 MiB chunks: the common case):
+        # each part's MD5 is taken by the worker that has its bytes, in parallel, not in the in-order pass.
+        sizes = self.checker.part_sizes
+        self.parts_apart = bool(sizes) and len(sizes) == self.n and all(
+            size == self.bounds(i)[1] - self.bounds(i)[0] for i, size in enumerate(sizes))
+        if self.parts_apart:
+            self.checker.take_parts_apart()
         self.result: str | None = None
+
+    def whole_file(self, data) -> None:
+        """Feed the next bytes in file order to the whole-file hashers."""
+        if self.sha256 is not None:
+            self.sha256.update(data)
+        self.checker.update(data)
+
+    @property
+    def needs_bytes(self) -> bool:
+        """Whether the in-order pass needs the bytes at all (not for a one-chunk file with no origin check)."""
+        return self.sha256 is not None or self.checker.check != "none"
 
     def bounds(self, index: int) -> tuple[int, int]:
         start = index * self.chunk_bytes
@@ -128,7 +155,7 @@ class TransferManager:
         c = self.config
         data = data_dir(staging)
         refuse_impossible_names([f.path for f in files], data, self.source.uri)
-        facts = {f.path: self._facts(f) for f in files}
+        facts = self._all_facts(files)
         layouts = {f.path: layout_of(f.size, facts[f.path].etag, facts[f.path].version_id, c.chunk_bytes)
                    for f in files}
         journal = Journal(staging, data, layouts, c.chunk_bytes, c.multipart_threshold)
@@ -157,9 +184,22 @@ class TransferManager:
                                     chunks={"size": c.chunk_bytes, "sha256": [s.done[i] for i in range(s.n)]})
                 for s in states]
 
-    def _facts(self, entry: FileEntry) -> OriginFacts:
-        facts = getattr(self.source, "origin_facts", None)
-        return facts(entry) if facts is not None else OriginFacts()
+    def _all_facts(self, files: Sequence[FileEntry]) -> dict[str, OriginFacts]:
+        """The origin's facts for every file. A file whose ETag alone settles its check is answered at once; the
+        others may ask the origin (a multipart ETag: one HEAD per part): all of them together, not one by one."""
+        facts_of = getattr(self.source, "origin_facts", None)
+        if facts_of is None:
+            return {f.path: OriginFacts() for f in files}
+        asking = [f for f in files if plan(OriginFacts(etag=f.etag), f.size) != "md5"]
+        out = {f.path: facts_of(f) for f in files if plan(OriginFacts(etag=f.etag), f.size) == "md5"}
+        if len(asking) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(len(asking), 8), thread_name_prefix="prefetch-facts") as pool:
+                out.update(zip((f.path for f in asking), pool.map(facts_of, asking)))
+        else:
+            out.update((f.path, facts_of(f)) for f in asking)
+        return out
 
     def tasks_for(self, state: _File) -> list[tuple[int, int]]:
         """Chunk spans [lo, hi) to fetch, one GET each: one per chunk for a big file, one stream for a small one."""
@@ -258,77 +298,105 @@ class _Run:
 
     # -- one GET ---------------------------------------------------------------------------------------
     def _fetch_span(self, state: _File, lo: int, hi: int) -> None:
-        c = self.config
         path = state.entry.path
         while lo < hi and lo in state.done:
             lo += 1
         if lo >= hi:
             return
+        # A span that starts where the file's in-order hashing stands (a small file's one stream, a big file's
+        # first chunk) feeds the whole-file hashers from the blocks it holds: those bytes are never read back.
+        with state.lock:
+            feeding = not state.hashing and state.hashed == lo
+            if feeding:
+                state.hashing = True
+        fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            finished = self._stream_span(state, lo, hi, fd, feeding)
+        finally:
+            os.close(fd)
+            if feeding:
+                with state.lock:
+                    state.hashing = False
+        if feeding and finished:
+            self._advance(state)      # finish the file, or go on with chunks other workers wrote meanwhile
+
+    def _stream_span(self, state: _File, lo: int, hi: int, fd: int, feeding: bool) -> bool:
+        """GET chunks [lo, hi) into fd, retrying from the byte reached; False when cancelled."""
+        c = self.config
+        path = state.entry.path
         start, end = state.bounds(lo)[0], state.bounds(hi - 1)[1]
         offset, chunk = start, lo
         chunk_end = state.bounds(chunk)[1]
         hasher = hashlib.sha256()
+        part = hashlib.md5() if state.parts_apart else None
         attempt = 0
-        fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            while True:
-                if self.cancelled.is_set():
-                    return
-                # The rate window opens at the first byte: time to it is read_timeout's (the socket's), and a
-                # source that routes chunks (peers) may wait for another node's fetch before its first byte.
-                window_start, window_bytes = None, 0
-                try:
-                    for block in self.m.source.read(path, offset, end):
-                        if offset + len(block) > end:
-                            raise PrefetchError(f"{path}: origin sent more bytes than its listing said "
-                                                f"({state.entry.size})", self.m.source.uri)
-                        view = memoryview(block)
-                        while view:
-                            piece = view[:chunk_end - offset]
-                            _pwrite_all(fd, piece, offset)
-                            hasher.update(piece)
-                            offset += len(piece)
-                            view = view[len(piece):]
-                            if offset == chunk_end:
-                                # Journaled (by the flusher, once durable) only for files of several chunks: a
-                                # one-chunk file lost in a crash costs one small GET; the commit fsyncs it.
-                                if state.n > 1:
-                                    self.journal.add(path, chunk, hasher.hexdigest())
-                                self._chunk_done(state, chunk, hasher.hexdigest())
-                                chunk += 1
-                                chunk_end = state.bounds(chunk)[1] if chunk < state.n else end
-                                hasher = hashlib.sha256()
-                        self.m._report(len(block))
-                        if self.cancelled.is_set():
-                            return
-                        if window_start is None:
-                            window_start = time.monotonic()
-                        else:
-                            window_bytes += len(block)
-                        elapsed = time.monotonic() - window_start
-                        if offset < end and elapsed >= c.min_rate_window:   # all here: never "too slow"
-                            if window_bytes / elapsed < c.min_rate:
-                                raise TransientError(f"{path}: {window_bytes / elapsed / 1024:.1f} KiB/s over "
-                                                     f"{elapsed:.0f}s, under the floor of {c.min_rate / 1024:.0f} "
-                                                     f"KiB/s", self.m.source.uri)
-                            window_start, window_bytes = time.monotonic(), 0
-                    if offset != end:
-                        raise TransientError(f"{path}: stream ended at byte {offset} of {end}", self.m.source.uri)
-                    return
-                except TransientError as e:
-                    attempt += 1
-                    if attempt >= c.max_attempts:
-                        raise Unreachable(f"giving up on {path} after {attempt} attempts: {e}",
-                                          self.m.source.uri) from None
-                    delay = min(c.backoff_max, c.backoff_base * 2 ** (attempt - 1))
-                    if self.cancelled.wait(delay * (0.5 + random.random())):
-                        return
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise NoSpace(f"disk full while writing {path}", self.m.source.uri) from None
-                    raise
-        finally:
-            os.close(fd)
+        while True:
+            if self.cancelled.is_set():
+                return False
+            # The rate window opens at the first byte: time to it is read_timeout's (the socket's), and a
+            # source that routes chunks (peers) may wait for another node's fetch before its first byte.
+            window_start, window_bytes = None, 0
+            try:
+                for block in self.m.source.read(path, offset, end):
+                    if offset + len(block) > end:
+                        raise PrefetchError(f"{path}: origin sent more bytes than its listing said "
+                                            f"({state.entry.size})", self.m.source.uri)
+                    view = memoryview(block)
+                    while view:
+                        piece = view[:chunk_end - offset]
+                        _pwrite_all(fd, piece, offset)
+                        hasher.update(piece)
+                        if part is not None:
+                            part.update(piece)
+                        if feeding:
+                            state.whole_file(piece)
+                        offset += len(piece)
+                        view = view[len(piece):]
+                        if offset == chunk_end:
+                            sha = hasher.hexdigest()
+                            if part is not None:
+                                state.checker.add_part(chunk, part.digest())
+                                part = hashlib.md5()
+                            # Journaled (by the flusher, once durable) only for files of several chunks: a
+                            # one-chunk file lost in a crash costs one small GET; the commit fsyncs it.
+                            if state.n > 1:
+                                self.journal.add(path, chunk, sha)
+                            if feeding:
+                                self._chunk_hashed(state, chunk, sha)
+                            else:
+                                self._chunk_done(state, chunk, sha)
+                            chunk += 1
+                            chunk_end = state.bounds(chunk)[1] if chunk < state.n else end
+                            hasher = hashlib.sha256()
+                    self.m._report(len(block))
+                    if self.cancelled.is_set():
+                        return False
+                    if window_start is None:
+                        window_start = time.monotonic()
+                    else:
+                        window_bytes += len(block)
+                    elapsed = time.monotonic() - window_start
+                    if offset < end and elapsed >= c.min_rate_window:   # all here: never "too slow"
+                        if window_bytes / elapsed < c.min_rate:
+                            raise TransientError(f"{path}: {window_bytes / elapsed / 1024:.1f} KiB/s over "
+                                                 f"{elapsed:.0f}s, under the floor of {c.min_rate / 1024:.0f} "
+                                                 f"KiB/s", self.m.source.uri)
+                        window_start, window_bytes = time.monotonic(), 0
+                if offset != end:
+                    raise TransientError(f"{path}: stream ended at byte {offset} of {end}", self.m.source.uri)
+                return True
+            except TransientError as e:
+                attempt += 1
+                if attempt >= c.max_attempts:
+                    raise Unreachable(f"giving up on {path} after {attempt} attempts: {e}",
+                                      self.m.source.uri) from None
+                delay = min(c.backoff_max, c.backoff_base * 2 ** (attempt - 1))
+                if self.cancelled.wait(delay * (0.5 + random.random())):
+                    return False
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise NoSpace(f"disk full while writing {path}", self.m.source.uri) from None
+                raise
 
     # -- in-order hashing ------------------------------------------------------------------------------
     def _chunk_done(self, state: _File, index: int, sha: str) -> None:
@@ -336,6 +404,13 @@ class _Run:
             state.done[index] = sha
         self.m._hook("chunk_done", state.entry, index, sha)
         self._advance(state)
+
+    def _chunk_hashed(self, state: _File, index: int, sha: str) -> None:
+        """A chunk written by the worker that fed it to the whole-file hashers: done, and already hashed."""
+        with state.lock:
+            state.done[index] = sha
+            state.hashed = index + 1
+        self.m._hook("chunk_done", state.entry, index, sha)
 
     def _advance(self, state: _File) -> None:
         """Hash the contiguous durable prefix from disk (one thread at a time per file); finish the file when the
@@ -369,8 +444,13 @@ class _Run:
             self._advance(state)
 
     def _hash_chunk(self, state: _File, index: int) -> bool:
-        start, end = state.bounds(index)
+        """Read one written chunk back (from the page cache) into the whole-file hashers; a chunk of an earlier
+        run is also hashed on its own and compared with its journal record."""
         again = hashlib.sha256() if index in state.resumed else None
+        if again is None and not state.needs_bytes:
+            return True               # a one-chunk file with no origin check: its chunk sha256 is the file's
+        part = hashlib.md5() if again is not None and state.parts_apart else None   # (the journal has no MD5s)
+        start, end = state.bounds(index)
         with open(state.path, "rb") as f:
             f.seek(start)
             remaining = end - start
@@ -378,18 +458,21 @@ class _Run:
                 block = f.read(min(HASH_BLOCK, remaining))
                 if not block:
                     break
-                state.sha256.update(block)
-                state.checker.update(block)
+                state.whole_file(block)
                 if again is not None:
                     again.update(block)
+                if part is not None:
+                    part.update(block)
                 remaining -= len(block)
+        if part is not None:
+            state.checker.add_part(index, part.digest())
         return not remaining and (again is None or again.hexdigest() == state.done[index])
 
     def _finish(self, state: _File) -> None:
         bad = state.checker.mismatch()
         if bad is None:
             with self.changed:
-                state.result = state.sha256.hexdigest()
+                state.result = state.sha256.hexdigest() if state.sha256 is not None else state.done[0]
                 self.changed.notify_all()
             return
         self._restart(state, bad)

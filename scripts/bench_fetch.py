@@ -4,7 +4,7 @@
   2. raw boto3, tuned TransferConfig, a thread pool across files (the best a hand-written script does)
   3. obstore (Rust object_store), 32 concurrent ranged GETs written with pwrite, no hashing (a native floor)
   4. s5cmd (Go), `cp 's3://bucket/prefix/*' dir/` with 32 workers (the other native floor)
-  5. `prefetch warm` cold (empty cache) with PREFETCH_TRANSPORT=boto3, and with PREFETCH_TRANSPORT=native
+  5. `prefetch warm` cold (empty cache) with PREFETCH_TRANSPORT=boto3, and with the default (native) transport
   6. prefetch.warm hit, pinned version (in-process, and the CLI as a process) and `latest` (one registry call)
 over two links: loopback, and an emulated far registry (a proxy adding 20 ms per request and capping each
 connection at 64 MiB/s, in front of both the S3 server and the tracking server).
@@ -215,7 +215,7 @@ def measure_link(label: str, s3: "harness.SeaweedS3", tracking_port: int, rec: d
 LABELS = {"mlflow": "MLflow download_artifacts", "boto3": "boto3, tuned (32 threads, 8 MiB parts)",
           "obstore": "obstore, 32 ranges in flight, no hashing", "s5cmd": "s5cmd, 32 workers",
           "prefetch_boto3": "prefetch warm, PREFETCH_TRANSPORT=boto3",
-          "prefetch_native": "prefetch warm, PREFETCH_TRANSPORT=native"}
+          "prefetch_native": "prefetch warm (default: native transport)"}
 
 
 def child(args) -> None:

@@ -177,11 +177,18 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_is_one_line_with_its_exit_code(case, tmp_path, cache_dir):
+def _transports(case: str) -> tuple:
+    """An s3:// case runs through both S3 transports (their settings are read apart); the others once."""
+    argv = BAD_INPUTS[case][0]
+    return ("native", "boto3") if not callable(argv) and argv[0].startswith("s3://") else (None,)
+
+
+@pytest.mark.parametrize("case,transport", [(c, t) for c in sorted(BAD_INPUTS) for t in _transports(c)])
+def test_bad_input_is_one_line_with_its_exit_code(case, transport, tmp_path, cache_dir):
     argv, env, code, needle = BAD_INPUTS[case]
     argv = [argv(tmp_path)] if callable(argv) else argv
     env = env(tmp_path) if callable(env) else env
+    env = {**env, **({"PREFETCH_TRANSPORT": transport} if transport else {})}
     proc = run_cli("warm", *argv, env=env, timeout=120)
     assert_clean_error(proc, code, needle)
     assert objects_in(cache_dir) == []

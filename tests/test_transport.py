@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -106,16 +107,18 @@ def test_refused_credentials_and_missing_keys_exit_as_with_boto3(s3, use_env, bl
         src.read_range("no-such.bin", 0, 10)
 
 
-def test_503_bursts_and_resets_are_retried(s3, use_env, cache_dir, blob, fresh_pool):
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_503_bursts_and_resets_are_retried(transport, s3, use_env, cache_dir, blob, fresh_pool):
     flaky = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
     try:
-        use_env({**s3.env(flaky.url), "PREFETCH_TRANSPORT": "native", "PREFETCH_MAX_CONCURRENCY": "2",
+        use_env({**s3.env(flaky.url), "PREFETCH_TRANSPORT": transport, "PREFETCH_MAX_CONCURRENCY": "2",
                  "PREFETCH_CHUNK_BYTES": str(MiB), "PREFETCH_MULTIPART_THRESHOLD": str(2 * MiB)})
         flaky.inject_faults(answer_503=4, cut=2, cut_after_bytes=256 << 10, match=b"w.bin")
         w = prefetch.warm("s3://models/transport")
         stats = flaky.stats()
-        # The way without the engine's retries: the same burst with one attempt per range fails, exit 4.
-        flaky.inject_faults(answer_503=4, match=b"w.bin")
+        # The way without the engine's retries: one attempt per range fails, exit 4 (a burst longer than what the
+        # clients' own quick retry, one per request, could absorb over the file's ranges however they interleave).
+        flaky.inject_faults(answer_503=40, match=b"w.bin")
         proc = run_cli("warm", "s3://models/transport", env={"PREFETCH_MAX_ATTEMPTS": "1",
                                                             "PREFETCH_CACHE_DIR": str(cache_dir / "no-retry")})
     finally:
@@ -126,7 +129,9 @@ def test_503_bursts_and_resets_are_retried(s3, use_env, cache_dir, blob, fresh_p
     assert_clean_error(proc, 4, "s3://models/transport", "giving up")
 
 
-def test_endpoint_and_credentials_as_mlflow_users_set_them(s3, use_env, cache_dir, blob, fresh_pool, tmp_path):
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_endpoint_and_credentials_as_mlflow_users_set_them(transport, s3, use_env, cache_dir, blob, fresh_pool,
+                                                           tmp_path):
     counting = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
     try:
         # MLFLOW_S3_ENDPOINT_URL wins over AWS_ENDPOINT_URL* (as in the boto3 transport and MLflow itself), and
@@ -136,7 +141,7 @@ def test_endpoint_and_credentials_as_mlflow_users_set_them(s3, use_env, cache_di
         use_env({"MLFLOW_S3_ENDPOINT_URL": counting.url, "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
                  "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_PROFILE": "bench",
                  "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_DEFAULT_REGION": s3.region,
-                 "PREFETCH_TRANSPORT": "native"})
+                 "PREFETCH_TRANSPORT": transport})
         w = prefetch.warm("s3://models/transport")
         through = counting.stats()
     finally:
@@ -149,6 +154,11 @@ def _manifest_hashes(cache, key: str) -> dict[str, tuple[int, str]]:
     return {f.path: (f.size, f.sha256) for f in Store(cache).lookup(key).files}
 
 
+def _manifest_checks(cache, key: str) -> dict[str, tuple]:
+    """What each file was checked against: the origin check, the ETag, and its per-chunk sha256s."""
+    return {f.path: (f.origin_check, f.etag, f.chunks["sha256"]) for f in Store(cache).lookup(key).files}
+
+
 def test_warm_native_gives_the_same_manifest_as_boto3(mlflow_direct, use_env, tmp_path, fresh_pool):
     """A model of 2 big + many small files, warmed through each transport into its own cache."""
     use_env(mlflow_direct.env())
@@ -156,7 +166,7 @@ def test_warm_native_gives_the_same_manifest_as_boto3(mlflow_direct, use_env, tm
     rec = harness.register_large_model(mlflow_direct.env(), "transport-model", large_files=large, n_small=150,
                                        small_size=4096, workdir=tmp_path)
     uri = f"models:/transport-model/{rec['version']}"
-    out = {}
+    out, checks = {}, {}
     for transport in ("boto3", "native"):
         settings = Settings.load(cache_dir=tmp_path / f"cache-{transport}", transport=transport)
         assert type(open_source(rec["artifact_location"], settings)).__name__ == \
@@ -164,8 +174,13 @@ def test_warm_native_gives_the_same_manifest_as_boto3(mlflow_direct, use_env, tm
         w = prefetch.warm(uri, settings=settings)
         assert not w.from_cache
         out[transport] = _manifest_hashes(settings.cache_dir, w.key)
+        checks[transport] = _manifest_checks(settings.cache_dir, w.key)
         assert Store(settings.cache_dir).verify(w.key) == []
     assert out["native"] == out["boto3"]
+    # The same origin checks: MD5 from every ETag, multipart ones (the big files: "-N") through their parts' sizes.
+    assert checks["native"] == checks["boto3"]
+    assert {c[0] for c in checks["native"].values()} == {"md5"}
+    assert all(re.search(r"^[0-9a-f]{32}-\d+$", c[1]) for k, c in checks["native"].items() if "weights" in k)
     assert len(out["native"]) >= 150 + 2
     # And the hashes are the uploaded bytes' (independent of both transports): recompute the big files'.
     for name, size in large:
@@ -206,3 +221,52 @@ def test_proxied_mlflow_artifacts_are_sent_once(mlflow_proxied, use_env, tmp_pat
     total = rec["total_bytes"]
     assert sent["probed-native"] < 1.2 * total, (sent, total)
     assert sent["ranged"] > 1.8 * total, (sent, total)
+
+
+def _multipart_with_crc32(client, key: str, kind: str, bodies: list[bytes]) -> None:
+    """A multipart upload with a CRC32 per part, and for FULL_OBJECT the whole object's CRC32 stored by S3."""
+    import base64
+    import zlib
+
+    up = client.create_multipart_upload(Bucket="models", Key=key, ChecksumAlgorithm="CRC32", ChecksumType=kind)
+    parts = []
+    for n, body in enumerate(bodies, 1):
+        r = client.upload_part(Bucket="models", Key=key, PartNumber=n, UploadId=up["UploadId"], Body=body,
+                               ChecksumAlgorithm="CRC32")
+        parts.append({"PartNumber": n, "ETag": r["ETag"], "ChecksumCRC32": r["ChecksumCRC32"]})
+    full = base64.b64encode(zlib.crc32(b"".join(bodies)).to_bytes(4, "big")).decode()
+    client.complete_multipart_upload(Bucket="models", Key=key, UploadId=up["UploadId"],
+                                     MultipartUpload={"Parts": parts},
+                                     **({"ChecksumCRC32": full, "ChecksumType": kind} if kind == "FULL_OBJECT" else {}))
+
+
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_past_max_part_heads_a_stored_full_object_checksum_is_the_check(transport, s3, use_env, tmp_path,
+                                                                        monkeypatch, fresh_pool):
+    """A multipart ETag with more parts than MAX_PART_HEADS: one HEAD with ChecksumMode=ENABLED instead of one
+    per part; a FULL_OBJECT CRC32 stored at upload is then the origin check (a COMPOSITE one is not), and it
+    catches a byte flipped in transit. Below the limit the same objects are checked by their parts' MD5s."""
+    from prefetch.sources import s3 as s3_module
+
+    client = s3.client(endpoint=s3.direct_endpoint)
+    bodies = [os.urandom(5 * MiB), os.urandom(1000)]
+    _multipart_with_crc32(client, "fullck/full.bin", "FULL_OBJECT", bodies)
+    _multipart_with_crc32(client, "fullck/composite.bin", "COMPOSITE", bodies)
+    proxy = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    try:
+        use_env({**s3.env(proxy.url), "PREFETCH_TRANSPORT": transport})
+
+        def checks(cache: str) -> dict[str, str]:
+            w = prefetch.warm("s3://models/fullck", settings=Settings.load(cache_dir=tmp_path / cache))
+            assert (w.path / "full.bin").read_bytes() == b"".join(bodies)
+            return {f.path: f.origin_check for f in Store(tmp_path / cache).lookup(w.key).files}, w
+
+        assert checks("parts")[0] == {"full.bin": "md5", "composite.bin": "md5"}
+        monkeypatch.setattr(s3_module, "MAX_PART_HEADS", 1)
+        assert checks("checksum")[0] == {"full.bin": "crc32", "composite.bin": "none"}
+        proxy.add_fault("flip", b"fullck/full.bin", after=4321)
+        flipped, w = checks("flipped")
+    finally:
+        proxy.stop()
+    assert flipped["full.bin"] == "crc32" and proxy.stats()["faults_served"] == 1
+    assert "full.bin" in (w.resolved.note or ""), w.resolved.note   # fetched again; the second copy committed

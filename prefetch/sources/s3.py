@@ -132,6 +132,53 @@ class S3Prefix:
     def identity(self) -> dict:
         return {"origin": "s3", "endpoint": endpoint_url() or "aws", "bucket": self.bucket}
 
+    def _record(self, rel: str, key: str, etag: str | None) -> str:
+        """Remember a listed key under its checked path; two keys that are one path here are refused."""
+        path = safe_relpath(rel, self.uri)
+        if path in self._keys:
+            raise IntegrityError(f"listing keys {self._keys[path][0]!r} and {key!r} are one path {path!r} here; "
+                                 "refusing to guess which one is meant", self.uri)
+        self._keys[path] = (key, etag)
+        return path
+
+    def _head_client(self):
+        """The boto3 client that sends the few HEADs a transport may not (part sizes, stored checksums)."""
+        raise NotImplementedError
+
+    def origin_facts(self, entry: FileEntry) -> OriginFacts:
+        """What S3 says about the content, the same for both transports, asking only when the ETag alone gives no
+        check. A single-part ETag is the MD5 already (no request); a multipart one is checkable once each part's
+        size is known: one HEAD per part (PartNumber), for up to MAX_PART_HEADS parts, sent in parallel. Otherwise
+        (more parts, no ETag, an ETag that is no MD5): one HEAD with ChecksumMode=ENABLED, for the full-object
+        checksum the uploader may have stored (full_object_checksums: never a COMPOSITE one)."""
+        key, etag = self._key(entry.path)
+        etag = etag or entry.etag
+        facts = OriginFacts(etag=etag)
+        if plan(facts, entry.size) != "none":
+            return facts
+        parts = facts.multipart_parts
+        pin = {"IfMatch": f'"{etag}"'} if etag else {}
+        try:
+            client = self._head_client()
+            if parts and parts <= MAX_PART_HEADS:
+                from concurrent.futures import ThreadPoolExecutor
+
+                def head(n: int) -> dict:
+                    return client.head_object(Bucket=self.bucket, Key=key, PartNumber=n, **pin)
+
+                with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
+                    heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
+                return OriginFacts(etag=etag, version_id=heads[0].get("VersionId"),
+                                   part_sizes=tuple(int(h["ContentLength"]) for h in heads))
+            head = client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **pin)
+        except Exception as e:  # noqa: BLE001
+            err = translate(e, self.uri, f"HEAD {key}")
+            if isinstance(err, (OriginChanged, TransientError, Unreachable, NotFound, BadSetting)):
+                raise err from None
+            return facts
+        return OriginFacts(etag=etag, version_id=head.get("VersionId"),
+                           checksums=full_object_checksums(head, multipart=parts is not None))
+
     def _key(self, path: str) -> tuple[str, str | None]:
         if path in self._keys:
             return self._keys[path]
@@ -144,6 +191,9 @@ class S3Source(S3Prefix):
         super().__init__(uri)
         self.client = s3_client(settings)
 
+    def _head_client(self):
+        return self.client
+
     def list(self) -> list[FileEntry]:
         prefix = f"{self.prefix}/" if self.prefix else ""
         entries: list[FileEntry] = []
@@ -153,12 +203,8 @@ class S3Source(S3Prefix):
                     rel = obj["Key"][len(prefix):]
                     if not rel or rel.endswith("/"):
                         continue  # directory markers
-                    path, etag = safe_relpath(rel, self.uri), obj.get("ETag", "").strip('"') or None
-                    if path in self._keys:
-                        raise IntegrityError(f"listing keys {self._keys[path][0]!r} and {obj['Key']!r} are one path "
-                                             f"{path!r} here; refusing to guess which one is meant", self.uri)
-                    self._keys[path] = (obj["Key"], etag)
-                    entries.append(FileEntry(path, int(obj["Size"]), etag))
+                    etag = obj.get("ETag", "").strip('"') or None
+                    entries.append(FileEntry(self._record(rel, obj["Key"], etag), int(obj["Size"]), etag))
             if not entries and self.prefix:
                 head = self.client.head_object(Bucket=self.bucket, Key=self.prefix)
                 self._single = True
@@ -170,55 +216,6 @@ class S3Source(S3Prefix):
         except Exception as e:  # noqa: BLE001 - translated, or re-raised as is
             raise translate(e, self.uri, "listing") from None
         return sorted(entries, key=lambda f: f.path)
-
-    def origin_facts(self, entry: FileEntry) -> OriginFacts:
-        """What S3 says about the content, asking only when the ETag alone gives no check. A single-part ETag is
-        the MD5 already (no request); a multipart one is checkable once each part's size is known: one HEAD per
-        part (PartNumber), for up to MAX_PART_HEADS parts, sent in parallel. Otherwise (more parts, no ETag, an
-        ETag that is no MD5, parts that could not be sized): one HEAD with ChecksumMode=ENABLED, for the
-        full-object checksum the uploader may have stored."""
-        key, etag = self._key(entry.path)
-        etag = etag or entry.etag
-        facts = OriginFacts(etag=etag)
-        if plan(facts, entry.size) != "none":
-            return facts
-        parts = facts.multipart_parts
-        if parts and parts <= MAX_PART_HEADS:
-            sized = self._part_layout(key, etag, parts)
-            if sized is not None:
-                return sized
-        return self._stored_checksums(key, etag)
-
-    def _head(self, what: str, **kwargs) -> dict | None:
-        """One HEAD of the object; None when it cannot tell us anything (the file is then only self-hashed)."""
-        try:
-            return self.client.head_object(Bucket=self.bucket, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            err = translate(e, self.uri, f"HEAD {what}")
-            if isinstance(err, (OriginChanged, TransientError, Unreachable, NotFound)):
-                raise err from None
-            return None
-
-    def _part_layout(self, key: str, etag: str, parts: int) -> OriginFacts | None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        def head(n: int) -> dict | None:
-            return self._head(key, Key=key, PartNumber=n, IfMatch=f'"{etag}"')
-
-        with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
-            heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
-        if any(h is None for h in heads):
-            return None
-        return OriginFacts(etag=etag, version_id=heads[0].get("VersionId"),
-                           part_sizes=tuple(int(h["ContentLength"]) for h in heads))
-
-    def _stored_checksums(self, key: str, etag: str | None) -> OriginFacts:
-        head = self._head(key, Key=key, ChecksumMode="ENABLED", **({"IfMatch": f'"{etag}"'} if etag else {}))
-        if head is None:
-            return OriginFacts(etag=etag)
-        multipart = OriginFacts(etag=etag).multipart_parts is not None
-        return OriginFacts(etag=etag, version_id=head.get("VersionId"),
-                           checksums=full_object_checksums(head, multipart))
 
     def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         key, etag = self._key(path)

@@ -2,8 +2,8 @@
 outside the interpreter (HTTP, TLS, signing and the socket reads run in Rust with the GIL released), and a ranged
 GET comes back as one buffer the engine can pwrite and hash without copying it again.
 
-Same protocol as sources/s3.py (list / read / identity / supports_ranges), plus `read_range`: one request, the
-client's own buffer. Endpoint, credentials and TLS are taken the way MLflow users set them (s3.py's
+Same protocol as sources/s3.py (list / read / identity / supports_ranges / origin_facts, shared through S3Prefix),
+plus `read_range`: one request, the client's own buffer. Endpoint, credentials and TLS are taken the way MLflow users set them (s3.py's
 `endpoint_url()`; boto3's credential chain, so profiles, SSO and instance roles work; MLFLOW_S3_IGNORE_TLS), and
 errors are translated to the same errors and exit codes as s3.py's `translate()`.
 """
@@ -17,14 +17,15 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 from ..config import Settings
-from ..errors import NotFound, OriginChanged, Unreachable
+from ..errors import BadSetting, NotFound, OriginChanged, PrefetchError, Unreachable
 from .base import FileEntry, TransientError, safe_relpath
-from .s3 import S3Prefix, endpoint_url
+from .s3 import S3Prefix, S3Source, endpoint_url, s3_client
 
 # read() yields blocks of at least this size as they arrive (the last may be shorter): the engine's offset follows
 # the socket, so a reset mid-range is resumed from the byte reached, and memory stays a few blocks per request.
 # (Measured: streaming in 1 MiB blocks costs no more CPU per GiB than one buffer per 8 MiB range.)
 STREAM_BLOCK = 1 << 20
+MIN_STREAM_BLOCK = 16 << 10
 # How long a refreshable credential (instance role, SSO, assumed role) is trusted before obstore asks boto3 again;
 # boto3 refreshes it itself inside its own advisory window when asked.
 CREDENTIAL_TTL = timedelta(minutes=5)
@@ -60,15 +61,22 @@ def _resolve_credentials(uri: str):
     used as they are, without importing boto3 (0.15 CPU-s and a second of wall time per process on a loaded
     node); anything else (AWS_PROFILE, ~/.aws, SSO, instance or container roles) goes through boto3's chain."""
     env_key, env_secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if env_key and env_secret:
+    if env_key and env_secret and not os.environ.get("AWS_PROFILE"):   # (a named profile must exist: boto3 says)
         frozen = _Frozen(env_key, env_secret, os.environ.get("AWS_SESSION_TOKEN") or None)
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
         return frozen, None, region
     import boto3
     from botocore.credentials import RefreshableCredentials
+    from botocore.exceptions import BotoCoreError, ProfileNotFound
 
-    session = boto3.session.Session()
-    credentials = session.get_credentials()
+    try:
+        session = boto3.session.Session()
+        credentials = session.get_credentials()
+    except ProfileNotFound:
+        raise BadSetting(f"AWS_PROFILE={os.environ.get('AWS_PROFILE')!r}: no such profile in the AWS "
+                         "config files (~/.aws/config, ~/.aws/credentials)") from None
+    except (BotoCoreError, ValueError) as e:   # a broken AWS config file
+        raise BadSetting(f"the S3 credentials cannot be read: {e}") from None
     if credentials is None:
         raise Unreachable("no S3 credentials found; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", uri)
     if isinstance(credentials, RefreshableCredentials):
@@ -172,9 +180,28 @@ def _first_line(text: str, limit: int = 160) -> str:
 
 
 class NativeS3Source(S3Prefix):
+    """Listing and GETs through obstore. What obstore cannot do goes through boto3 (imported only then): the
+    HEADs of origin_facts (part sizes, stored checksums: obstore's head takes no options), and keys obstore's
+    paths cannot name ('a//b', 'a/./b': it refuses empty and '.' segments) are listed and read as listed."""
+
     def __init__(self, uri: str, settings: Settings):
         super().__init__(uri)
+        self.settings = settings
         self.store = s3_store(self.bucket, settings, uri)
+        self._boto3_source: S3Source | None = None
+        # obstore hands a block over only once it is whole: a connection at half the rate floor must still
+        # deliver one per rate window, or the engine could not see that it trickles (1 MiB with the defaults).
+        self.block = max(MIN_STREAM_BLOCK, min(STREAM_BLOCK, int(settings.min_rate * settings.min_rate_window / 2)))
+
+    def _head_client(self):
+        return s3_client(self.settings)
+
+    def _boto3(self) -> S3Source:
+        if self._boto3_source is None:
+            source = S3Source(self.uri, self.settings)
+            source._keys, source._single = self._keys, self._single   # one listing, whichever client made it
+            self._boto3_source = source
+        return self._boto3_source
 
     def list(self) -> list[FileEntry]:
         import obstore
@@ -188,16 +215,24 @@ class NativeS3Source(S3Prefix):
                     rel = key[len(prefix):]
                     if not rel or rel.endswith("/"):
                         continue  # directory markers
-                    path, etag = safe_relpath(rel, self.uri), (obj.get("e_tag") or "").strip('"') or None
-                    self._keys[path] = (key, etag)
-                    entries.append(FileEntry(path, int(obj["size"]), etag))
+                    etag = (obj.get("e_tag") or "").strip('"') or None
+                    entries.append(FileEntry(self._record(rel, key, etag), int(obj["size"]), etag))
             if not entries and self.prefix:
                 head = obstore.head(self.store, self.prefix)
                 self._single = True
                 path, etag = self.prefix.rsplit("/", 1)[-1], (head.get("e_tag") or "").strip('"') or None
                 self._keys[path] = (self.prefix, etag)
                 entries.append(FileEntry(path, int(head["size"]), etag))
+        except PrefetchError:
+            raise
         except Exception as e:  # noqa: BLE001 - translated, or re-raised as is
+            if _unnameable(e) or "invalid list response" in str(e):
+                # A key obstore's paths cannot name, or a listing its parser refuses (an S3-compatible server
+                # leaving out a field): boto3 lists it, keys exactly as listed.
+                self._keys.clear()
+                entries = self._boto3().list()
+                self._single = self._boto3_source._single
+                return entries
             raise translate(e, self.uri, "listing") from None
         return sorted(entries, key=lambda f: f.path)
 
@@ -229,7 +264,21 @@ class NativeS3Source(S3Prefix):
             return
         key, etag = self._key(path)
         try:
-            for block in self._get(key, start, end, etag).stream(min_chunk_size=STREAM_BLOCK):
+            response = self._get(key, start, end, etag)
+        except Exception as e:  # noqa: BLE001
+            if _unnameable(e):
+                yield from self._boto3().read(path, start, end)
+                return
+            raise translate(e, self.uri, f"GET {key}", reading=True) from None
+        try:
+            for block in response.stream(min_chunk_size=self.block):
                 yield block
         except Exception as e:  # noqa: BLE001
             raise translate(e, self.uri, f"GET {key}", reading=True) from None
+
+
+def _unnameable(error: Exception) -> bool:
+    """obstore refusing a key it cannot represent as one of its paths ('a//b', 'a/./b'): not an answer from S3.
+    (A ValueError when we name the key; "invalid path" when a listing holds it.)"""
+    text = str(error).lower()
+    return "parse path" in text or "error parsing path" in text or "invalid path" in text
