@@ -22,7 +22,7 @@ import pytest
 
 from prefetch.store import Store, allocated_bytes
 from tests.harness.ray_rig import Rig, wait_for
-from tests.helpers import assert_clean_error, run_cli
+from tests.helpers import assert_clean_error, objects_in, run_cli
 
 MiB = 1 << 20
 # 1 MiB chunks: a ~11 MiB model is a swarm of 16. A rate floor of 1 KiB/s: the tests that slow the uplink to keep
@@ -376,7 +376,7 @@ def test_a_node_removed_mid_transfer_does_not_stop_the_others(on_rig, s3):
         model.assert_on(on_rig.dirs[node_id], r["key"])
     assert not rows.get(extra.node_id, {"ok": False})["ok"]
     print(f"\na node removed mid-transfer: origin sent {origin} bytes for {model.size}")
-    assert origin < 2 * model.size
+    assert origin < 2 * model.size, [(r.get("origin_bytes"), r.get("peer_bytes"), r.get("note")) for r in rows.values()]
     assert Store(on_rig.dirs[staying[0]]).lookup(rows[staying[0]]["key"], touch=False) is not None
 
 
@@ -395,14 +395,22 @@ def test_a_node_that_joins_during_a_warm_takes_part(on_rig, s3):
     def warm() -> None:
         result["report"] = _warm_cluster(on_rig, model.uri, check=False)
 
+    def committed() -> dict[str, list[str]]:
+        return {n: objects_in(d) for n, d in on_rig.dirs.items()}
+
+    nodes, was = list(on_rig.dirs), committed()
     before = _origin(s3)
     t = threading.Thread(target=warm, daemon=True)
     t.start()
+    # The others are downloading (bytes in their staging) before the node joins.
+    wait_for(lambda: all(allocated_bytes(on_rig.dirs[n] / "staging") > 0 for n in nodes) or not t.is_alive(), 120,
+             "every node to have bytes of its download")
     joiner = on_rig.add_node("joiner")
     try:
         agent = get_or_create_agent(joiner.node_id)
         ray.get(agent.ready.remote(), timeout=120)
-        assert t.is_alive(), "the cluster's warm finished before the node joined"
+        assert t.is_alive() and {n: v for n, v in committed().items() if n in was} == was, \
+            "the cluster's warm committed before the node joined"
         pending = agent.warm.remote(model.uri)
         s3.proxy.set_uplink(8 * MiB)
         row = ray.get(pending, timeout=300)

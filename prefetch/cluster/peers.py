@@ -40,8 +40,9 @@ from .swarm import HEARTBEAT_TTL, SwarmBook, chunk_id, file_of
 if TYPE_CHECKING:
     from ..sources.base import Source
 
-HEARTBEAT_EVERY = 1.0       # seconds between a downloading node's heartbeats (HEARTBEAT_TTL is 5x that)
-WAIT_POLL = (0.05, 0.5)     # first and longest pause before asking again about a chunk another node is fetching
+HEARTBEAT_EVERY = 2.0       # seconds between a downloading node's heartbeats (HEARTBEAT_TTL is 7.5x that: a
+                            # tracker slowed by load must not take a live node's claims for a dead one's)
+WAIT_POLL = (0.1, 1.0)      # first and longest pause before asking again about a chunk another node is fetching
 # How long a node waits for a chunk another, live node is fetching from the origin before fetching it too. The
 # fetcher heartbeats while it works, and its own deadlines (read timeout, rate floor, attempts) end a stuck fetch
 # and release the chunk well before this; fetching it twice would only split the same uplink further.

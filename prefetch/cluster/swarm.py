@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable, Iterable
 
-HEARTBEAT_TTL = 5.0      # seconds without a heartbeat before a node's origin claims are given to others
+HEARTBEAT_TTL = 15.0     # seconds without a heartbeat (or any call) before a node's origin claims go to others
 IDLE_SWARM_S = 3600.0    # a swarm nobody touched for this long is forgotten (its holders' disks still have it)
 
 
