@@ -168,9 +168,6 @@ class PeerTracker:
     def leave(self, key: str, grid: int, node: str) -> None:
         self.book.leave(key, grid, node)
 
-    def describe(self) -> dict:
-        return self.book.describe()
-
 
 _tracker_class = None
 
@@ -197,8 +194,8 @@ def get_or_create_tracker():
 class _Inflight:
     """A download running in this process, as peers may read it: its data tree, its files, its finished chunks."""
 
-    def __init__(self, data: Path, files: list[FileEntry], grid: int):
-        self.data, self.grid = data, grid
+    def __init__(self, data: Path, files: list[FileEntry]):
+        self.data = data
         self.files = {f.path: f for f in files}
         self.done: dict[str, str] = {}       # chunk id -> sha256
 
@@ -233,12 +230,13 @@ def chunk_map(store, key: str, grid: int) -> dict[str, str]:
     if inflight is not None:
         return dict(inflight.done)
     manifest = store.lookup(key, touch=False)
-    return _manifest_chunks(manifest, grid) if manifest is not None else {}
+    return files_chunks(manifest.files, grid) if manifest is not None else {}
 
 
-def _manifest_chunks(manifest, grid: int) -> dict[str, str]:
+def files_chunks(files: list[FileEntry], grid: int) -> dict[str, str]:
+    """chunk id -> sha256 of every chunk these entries (a manifest's, or a finished download's) record on grid."""
     out = {}
-    for f in manifest.files:
+    for f in files:
         chunks = f.chunks or {}
         if chunks.get("size") == grid:
             for i, sha in enumerate(chunks.get("sha256") or []):
@@ -262,14 +260,13 @@ class PeerSource:
         self.tracker, self.timeout = tracker, timeout
         self.files = {f.path: f for f in files}
         self.peer_bytes = 0
-        self.rejected = 0
         self.notes: list[str] = []
         self._conns = threading.local()       # per reader thread: holder url -> a kept-alive HTTPConnection
         self._origin_only: set[str] = set()   # files restarted after a failed origin check: origin only
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._broken = False                   # the tracker stopped answering: origin only from now on
-        self._inflight = _Inflight(data, files, grid)
+        self._inflight = _Inflight(data, files)
         with _inflight_lock:
             _inflight[(key, grid)] = self._inflight
         self._call("join", key, grid, node, concurrency, server, wait=TRACKER_START_TIMEOUT)
@@ -330,8 +327,6 @@ class PeerSource:
                 if data is None:
                     continue
                 if hashlib.sha256(data).hexdigest() != route["sha256"]:
-                    with self._lock:
-                        self.rejected += 1
                     _count("peer_chunks_rejected")
                     self._note(f"a chunk of {path} from node {holder[:12]} failed its sha256; fetched elsewhere")
                     self._call("reject", self.key, self.grid, self.node, holder, cid)
@@ -392,11 +387,7 @@ class PeerSource:
             if _inflight.get((self.key, self.grid)) is self._inflight:
                 del _inflight[(self.key, self.grid)]
         if committed is not None:
-            chunks = {}
-            for f in committed:
-                for i, sha in enumerate((f.chunks or {}).get("sha256") or []):
-                    chunks[chunk_id(f.path, f.size, f.etag, i)] = sha
-            self._call("seed", self.key, self.grid, self.node, chunks)
+            self._call("seed", self.key, self.grid, self.node, files_chunks(committed, self.grid))
         self._call("leave", self.key, self.grid, self.node)
 
     def _heartbeat(self) -> None:

@@ -24,7 +24,7 @@ import math
 import random
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 HEARTBEAT_TTL = 15.0     # seconds without a heartbeat (or any call) before a node's origin claims go to others
 IDLE_SWARM_S = 3600.0    # a swarm nobody touched for this long is forgotten (its holders' disks still have it)
@@ -64,7 +64,6 @@ class SwarmBook:
         self.swarms: dict[tuple[str, int], _Swarm] = {}
         self.beats: dict[str, float] = {}       # node -> last heartbeat
         self.gone_nodes: set[str] = set()       # unreachable holders (until they heartbeat again)
-        self.counts = {"routes_peer": 0, "routes_origin": 0, "routes_wait": 0, "rejected": 0, "gone": 0}
 
     # -- membership --------------------------------------------------------------------------------------------
     def known(self, key: str, grid: int) -> bool:
@@ -140,16 +139,12 @@ class SwarmBook:
             holders = [h for h in chunk.holders if h != node and h not in avoid and h not in self.gone_nodes]
             if holders and chunk.sha256:
                 random.shuffle(holders)      # spread the serving over every holder
-                self.counts["routes_peer"] += 1
                 return {"from": "peer", "peers": holders, "sha256": chunk.sha256}
             if chunk.claim and chunk.claim != node and self._live(chunk.claim):
-                self.counts["routes_wait"] += 1
                 return {"from": "wait", "why": f"{chunk.claim} is fetching it from the origin"}
             if chunk.claim != node and self._claims(swarm, node) >= self._fair_share(swarm, node):
-                self.counts["routes_wait"] += 1
                 return {"from": "wait", "why": "this node fetches its share of the origin's chunks already"}
             chunk.claim = node
-            self.counts["routes_origin"] += 1
             return {"from": "origin"}
 
     def _claims(self, swarm: _Swarm, node: str) -> int:
@@ -172,14 +167,12 @@ class SwarmBook:
             chunk = swarm.chunks.get(cid)
             if chunk is not None:
                 chunk.holders.discard(holder)
-            self.counts["rejected"] += 1
 
     def gone(self, node: str) -> None:
         """node did not answer (dead, frozen, removed): route around it everywhere until it heartbeats again."""
         with self.lock:
             self.gone_nodes.add(node)
             self.beats.pop(node, None)
-            self.counts["gone"] += 1
 
     def file_failed(self, key: str, grid: int, file_prefix: str) -> None:
         """A file assembled from these chunks failed the origin's check: forget every record of its chunks."""
@@ -196,18 +189,3 @@ class SwarmBook:
         swarm = self.swarms.setdefault((key, grid), _Swarm())
         swarm.touched = now
         return swarm
-
-    def describe(self, keys: Iterable[tuple[str, int]] | None = None) -> dict:
-        """What `prefetch status` can show: per swarm, chunks known, holders per node, live claims."""
-        with self.lock:
-            out = {}
-            for (key, grid), s in self.swarms.items():
-                if keys is not None and (key, grid) not in keys:
-                    continue
-                held: dict[str, int] = {}
-                for c in s.chunks.values():
-                    for h in c.holders:
-                        held[h] = held.get(h, 0) + 1
-                out[f"{key}/{grid}"] = {"chunks": len(s.chunks), "held": held, "fetching": sorted(s.needy),
-                                        "claims": sum(1 for c in s.chunks.values() if c.claim)}
-            return {"swarms": out, "counts": dict(self.counts), "gone": sorted(self.gone_nodes)}

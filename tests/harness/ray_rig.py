@@ -17,23 +17,23 @@ LABEL = "prefetch-cache-dir"
 NODE_ARGS = dict(num_cpus=1, object_store_memory=100 << 20)
 
 
+def _set_environ(values: dict[str, str | None]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def environ(changes: dict[str, str | None]):
     """os.environ with `changes` (None removes a variable) for the block: what a node started now inherits."""
     saved = {k: os.environ.get(k) for k in changes}
     try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(changes)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(saved)
 
 
 class Rig:
