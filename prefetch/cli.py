@@ -11,6 +11,7 @@ are imported inside the commands that need them, so a cache hit stays fast.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys

@@ -3,19 +3,27 @@
 The sha256 in a manifest is computed here, from the bytes we received; by itself it only proves the bytes did not
 change on our disk. What ties them to the origin is one of these, the first the facts allow (plan()):
   "sha256"   a full-object `x-amz-checksum-sha256` the origin stored at upload;
+  "crc32c"   an `x-amz-checksum-crc32c` stored at upload, computed here by google-crc32c's C code (a core
+             dependency; awscrt when only that is there; neither: the check is not made);
+  "crc32"    an `x-amz-checksum-crc32` stored at upload (zlib): what current AWS SDKs (boto3 >= 1.36, so MLflow's
+             uploads) store by default;
   "md5"      the S3 ETag: for a single-part upload (32 hex digits, no '-') it is the MD5 of the bytes; for a
-             multipart upload ("<hex>-N") it is the MD5 of the parts' MD5s, which we can recompute when we know
-             every part's size (HEAD ?partNumber=k);
-  "crc32c"   a full-object `x-amz-checksum-crc32c`, computed here by google-crc32c's C code (a core dependency;
-             awscrt when only that is there; neither: the check is not made);
-  "crc32"    a full-object `x-amz-checksum-crc32` (zlib);
-  "none"     nothing checkable (an SSE-KMS ETag, a multipart upload of unknown layout whose stored checksum is
-             COMPOSITE or absent, a source without content hashes): the file is only self-hashed, and the
-             manifest says so.
-The S3 source asks for stored checksums (one HEAD, ChecksumMode=ENABLED) only when the ETag gives no check, and
-keeps only full-object ones: a COMPOSITE "<crc>-N" is a checksum of the parts' checksums, not of the bytes.
-The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), or, for a multipart
-ETag whose parts are the transfer's chunks, over each part wherever its bytes are (add_part); it needs no chunk in
+             multipart upload ("<hex>-N") it is the MD5 of the parts' MD5s;
+  "none"     nothing checkable (an SSE-KMS ETag and no stored checksum, a source without content hashes): the
+             file is only self-hashed, and the manifest says so.
+A stored CRC comes before the ETag's MD5 because it is as good a check of bytes in transit at an eighth of the
+CPU (CRC32 0.16, CRC32C 0.08, MD5 1.29 CPU-s per GiB here), and checking every byte is what a cold fetch spends
+its CPU on. A stored checksum is either full-object (of the bytes in order) or, for a multipart upload, COMPOSITE
+("<base64>-N": the checksum of the parts' checksums, like the multipart ETag).
+
+A multipart ETag or COMPOSITE checksum is checked over the parts, so the part sizes must be known. They are not
+asked for (one HEAD per part) but guessed (guess_part_sizes): the uploader's part size is almost always the
+transfer's chunk size or a common default, and a wrong guess cannot pass, because no other split of the bytes
+gives the same MD5s or CRCs. Only when a guessed check fails does the engine learn the real sizes (one HEAD per
+part) and check again from disk: a failure with the real sizes is a corruption.
+
+The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), or, when the parts
+are the transfer's chunks, over each part wherever its bytes are (add_part, part_hasher()); it needs no chunk in
 memory, and a mismatch means the file is fetched again (then exit 5): a byte flipped in transit is never committed.
 """
 from __future__ import annotations
@@ -28,9 +36,14 @@ import zlib
 
 from .errors import OriginChanged, PrefetchError  # noqa: F401  (OriginChanged: the engine catches it here)
 
+MiB = 1 << 20
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
-CHECKS = ("sha256", "md5", "crc32c", "crc32", "none")
+_COMPOSITE = re.compile(r"^([A-Za-z0-9+/=]+)-(\d+)$")
+CHECKS = ("sha256", "crc32c", "crc32", "md5", "none")
+# Part sizes uploaders use, tried after the transfer's own chunk size: s3transfer / aws-cli / MLflow (8 MiB),
+# the S3 minimum that rclone and many SDKs use (5 MiB), MinIO's and s5cmd's (16, 50 MiB), and larger round ones.
+COMMON_PART_SIZES = tuple(n * MiB for n in (8, 5, 16, 50, 64, 100, 128, 256, 512))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +52,39 @@ class OriginFacts:
 
     etag: str | None = None                    # without quotes
     version_id: str | None = None
-    checksums: dict = dataclasses.field(default_factory=dict)   # full-object {"sha256"|"crc32c"|"crc32": base64}
-    part_sizes: tuple[int, ...] | None = None  # a multipart upload's part sizes, when known
+    # stored checksums {"sha256"|"crc32c"|"crc32": base64}, a COMPOSITE one as "<base64>-N"
+    checksums: dict = dataclasses.field(default_factory=dict)
+    part_sizes: tuple[int, ...] | None = None  # a multipart upload's part sizes, when known or guessed
+    parts_guessed: bool = False                # part_sizes is guess_part_sizes()'s, not the origin's word
 
     @property
     def multipart_parts(self) -> int | None:
         m = _MULTIPART_ETAG.match(self.etag or "")
-        return int(m.group(2)) if m else None
+        if m:
+            return int(m.group(2))
+        for value in self.checksums.values():
+            composite = _COMPOSITE.match(value)
+            if composite:
+                return int(composite.group(2))
+        return None
+
+
+def guess_part_sizes(size: int, parts: int, chunk_bytes: int) -> tuple[int, ...] | None:
+    """The split of `size` bytes into `parts` equal parts (the last one shorter) by the first part size that
+    gives that count: the transfer's chunk size (then each part is one chunk), else a common uploader default."""
+    for part in (chunk_bytes, *COMMON_PART_SIZES):
+        if part > 0 and -(-size // part) == parts:
+            return (part,) * (parts - 1) + (size - part * (parts - 1),)
+    return None
+
+
+def with_guessed_parts(facts: OriginFacts, size: int, chunk_bytes: int) -> OriginFacts:
+    """These facts with guessed part sizes when they name a multipart upload whose parts are not known."""
+    parts = facts.multipart_parts
+    if not parts or facts.part_sizes is not None:
+        return facts
+    guess = guess_part_sizes(size, parts, chunk_bytes)
+    return dataclasses.replace(facts, part_sizes=guess, parts_guessed=True) if guess else facts
 
 
 def _crc32c_function():
@@ -66,27 +105,52 @@ def _crc32c_function():
 
 
 _CRC32C = _crc32c_function()
+_CRC = {"crc32": zlib.crc32, "crc32c": _CRC32C}
 
 
-def _crc32c_available() -> bool:
-    return _CRC32C is not None
+def _checkable(facts: OriginFacts, value: str, size: int) -> bool:
+    """A stored checksum we can check: a full-object one, or a COMPOSITE one whose parts we know (or guess)."""
+    composite = _COMPOSITE.match(value)
+    if not composite:
+        return True
+    sizes = facts.part_sizes
+    return bool(sizes) and len(sizes) == int(composite.group(2)) and sum(sizes) == size
 
 
 def plan(facts: OriginFacts, size: int) -> str:
-    """The strongest check these facts allow for a file of `size` bytes."""
-    if "sha256" in facts.checksums:
+    """The cheapest sound check these facts allow for a file of `size` bytes."""
+    sha = facts.checksums.get("sha256")
+    if sha and not _COMPOSITE.match(sha):
         return "sha256"
+    for kind in ("crc32c", "crc32"):
+        value = facts.checksums.get(kind)
+        if value and _CRC[kind] is not None and _checkable(facts, value, size):
+            return kind
     etag = facts.etag or ""
     if _MD5_ETAG.match(etag):
         return "md5"
-    parts = facts.multipart_parts
-    if parts and facts.part_sizes and len(facts.part_sizes) == parts and sum(facts.part_sizes) == size:
+    parts = _MULTIPART_ETAG.match(etag)
+    if parts and facts.part_sizes and len(facts.part_sizes) == int(parts.group(2)) and sum(facts.part_sizes) == size:
         return "md5"
-    if "crc32c" in facts.checksums and _crc32c_available():
-        return "crc32c"
-    if "crc32" in facts.checksums:
-        return "crc32"
     return "none"
+
+
+class PartHash:
+    """One part's MD5 or CRC, fed in pieces; digest() is what the multipart value is computed over."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._md5 = hashlib.md5() if kind == "md5" else None
+        self._crc = 0
+
+    def update(self, data) -> None:
+        if self._md5 is not None:
+            self._md5.update(data)
+        else:
+            self._crc = _CRC[self.kind](data, self._crc)
+
+    def digest(self) -> bytes:
+        return self._md5.digest() if self._md5 is not None else self._crc.to_bytes(4, "big")
 
 
 class Checker:
@@ -95,22 +159,29 @@ class Checker:
     def __init__(self, facts: OriginFacts, size: int):
         self.facts = facts
         self.check = plan(facts, size)
-        self._md5 = hashlib.md5() if self.check == "md5" else None
-        self._sha = hashlib.sha256() if self.check == "sha256" else None
-        self._crc = 0
-        self._parts = list(facts.part_sizes) if self.check == "md5" and facts.multipart_parts else None
+        self.want = self.facts.etag if self.check == "md5" else self.facts.checksums.get(self.check)
+        composite = self.check != "none" and (_MULTIPART_ETAG.match(self.want or "") or _COMPOSITE.match(self.want))
+        # over parts: the multipart ETag, or a COMPOSITE checksum; else over the whole file's bytes
+        self._parts = list(facts.part_sizes) if composite else None
+        self._whole = None if composite or self.check == "none" else PartHash(self.check) if self.check != "sha256" \
+            else hashlib.sha256()
         self._part_digests: list[bytes] = []
+        self._part = PartHash(self.check) if self._parts else None
         self._part_left = self._parts.pop(0) if self._parts else None
         self._apart: dict[int, bytes] | None = None
 
     @property
     def part_sizes(self) -> tuple[int, ...] | None:
-        """The parts whose MD5s make the ETag, when that is the check."""
-        return self.facts.part_sizes if self._parts is not None else None
+        """The parts whose digests make the value checked, when the check is over parts."""
+        return self.facts.part_sizes if self._part is not None else None
+
+    def part_hasher(self) -> PartHash:
+        """A fresh hasher for one part (the engine's workers hash parts that are chunks themselves)."""
+        return PartHash(self.check)
 
     def take_parts_apart(self) -> None:
-        """Each part's MD5 will be handed over by add_part(), computed wherever that part's bytes are and in any
-        order (a transfer whose chunks are the parts); update() no longer hashes for the ETag."""
+        """Each part's digest will be handed over by add_part(), computed wherever that part's bytes are and in
+        any order (a transfer whose chunks are the parts); update() no longer hashes for the origin check."""
         self._apart = {}
 
     def add_part(self, index: int, digest: bytes) -> None:
@@ -119,43 +190,35 @@ class Checker:
     def update(self, data) -> None:
         if self.check == "none" or self._apart is not None:
             return
-        if self._sha is not None:
-            self._sha.update(data)
-        elif self.check in ("crc32", "crc32c"):
-            self._crc = _crc(self.check, data, self._crc)
-        elif self._part_left is None:
-            self._md5.update(data)
-        else:
-            view = memoryview(data)
-            while view:
-                take = min(len(view), self._part_left)
-                self._md5.update(view[:take])
-                view = view[take:]
-                self._part_left -= take
-                if self._part_left == 0:
-                    self._part_digests.append(self._md5.digest())
-                    self._md5 = hashlib.md5()
-                    self._part_left = self._parts.pop(0) if self._parts else 0
+        if self._whole is not None:
+            self._whole.update(data)
+            return
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self._part_left)
+            self._part.update(view[:take])
+            view = view[take:]
+            self._part_left -= take
+            if self._part_left == 0:
+                self._part_digests.append(self._part.digest())
+                self._part = PartHash(self.check)
+                self._part_left = self._parts.pop(0) if self._parts else 0
 
     def mismatch(self) -> str | None:
         if self.check == "none":
             return None
-        if self._sha is not None:
-            got, want = base64.b64encode(self._sha.digest()).decode(), self.facts.checksums["sha256"]
-        elif self.check in ("crc32", "crc32c"):
-            got, want = base64.b64encode(self._crc.to_bytes(4, "big")).decode(), self.facts.checksums[self.check]
-        elif self.facts.multipart_parts:
+        if self._whole is not None:
+            digest = self._whole.digest()
+            got = digest.hex() if self.check == "md5" else base64.b64encode(digest).decode()
+        else:
             digests = self._part_digests
             if self._apart is not None:
                 digests = [self._apart[i] for i in range(len(self.facts.part_sizes)) if i in self._apart]
-            joined = hashlib.md5(b"".join(digests)).hexdigest()
-            got, want = f"{joined}-{len(digests)}", self.facts.etag
-        else:
-            got, want = self._md5.hexdigest(), self.facts.etag
-        return None if got == want else f"{self.check} {got} != origin's {want}"
-
-
-def _crc(kind: str, data, value: int) -> int:
-    if kind == "crc32":
-        return zlib.crc32(data, value)
-    return _CRC32C(data, value)
+            joined = PartHash(self.check)
+            joined.update(b"".join(digests))
+            value = joined.digest()
+            got = f"{value.hex() if self.check == 'md5' else base64.b64encode(value).decode()}-{len(digests)}"
+        if got == self.want:
+            return None
+        guessed = " (part sizes guessed)" if self.facts.parts_guessed and self._whole is None else ""
+        return f"{self.check} {got} != origin's {self.want}{guessed}"

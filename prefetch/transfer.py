@@ -9,22 +9,26 @@ every knob, a manager that runs the work on a pool of workers, progress sent to 
   an earlier range. The whole-file sha256 and the origin's MD5/checksum (prefetch/integrity.py) need the bytes in
   file order, in one pass: the worker whose span starts where a file's in-order hashing stands (a small file's one
   stream, a big file's first chunk) feeds them from the blocks it holds; the chunks other workers wrote are read
-  back from the page cache, one 4 MiB block at a time, into both hashers at once. When a multipart ETag's parts
-  are the chunks, each part's MD5 is taken by the worker beside the chunk's sha256 (in parallel, in any order),
-  so the in-order pass is one sha256. A one-chunk file's sha256 is its chunk's (not hashed twice), and with no
+  back from the page cache, one 4 MiB block at a time (into one reused buffer), into both hashers at once. When
+  the check is over parts (a multipart ETag, a COMPOSITE checksum) and the parts are the chunks, each part's MD5
+  or CRC is taken by the worker beside the chunk's sha256 (in parallel, in any order), so the in-order pass is
+  one sha256. A one-chunk file's sha256 is its chunk's (not hashed twice), and with no
   origin check it is never read back. So at any moment this process holds
   at most `max_concurrency` read blocks (<= 1 MiB each) plus one hashing block: below `(max_concurrency + 2) x
   chunk_bytes` whatever the completion order or the model size (s3transfer bounds the same thing with its
   SlidingWindowSemaphore).
-- The origin's facts about each file (what its bytes are checked against: an ETag, part sizes, a stored
-  checksum) are asked once, before the first GET; the files that need a request for them ask all at once.
+- The origin's facts about each file (what its bytes are checked against: an ETag, a stored checksum) are asked
+  once, before the first GET, all files at once; a multipart upload's part sizes are guessed (integrity.py), and
+  asked (one HEAD per part) only when a check over the guess fails: then the file on disk is checked again with
+  the real sizes, and fetched again only if that fails too.
 - Durable progress: a chunk is recorded done in the journal (prefetch/store/journal.py) only after its bytes are
   fdatasynced (group-committed every FLUSH_EVERY seconds by one thread, so workers never wait on the disk); a
   resume skips recorded chunks and re-hashes them from disk against their recorded sha256.
 - A retryable failure (5xx, timeout, reset, a connection slower than `min_rate` over `min_rate_window`) is
   retried from the byte where it stopped, with exponential backoff and jitter, up to `max_attempts` per range.
-- A file whose bytes fail the origin's check is fetched again from scratch (up to `max_attempts` times, then exit
-  5); an object that changed at the origin mid-download (HTTP 412 on If-Match) stops the transfer with
+- A file whose bytes fail the origin's check is fetched again from scratch, into a new file (ranges of the last
+  fetch still in flight write into the replaced one and are not counted), up to `max_attempts` times, then exit
+  5; an object that changed at the origin mid-download (HTTP 412 on If-Match) stops the transfer with
   OriginChanged, and the caller lists again and resumes (the journal drops the changed files).
 - Cancellation (^C, an error elsewhere): workers are daemon threads that stop at their next block; queued ranges
   are never started, and the staging dir with its journal stays for a resume.
@@ -44,7 +48,7 @@ from typing import Callable, Sequence
 
 from .config import Settings
 from .errors import IntegrityError, NoSpace, PrefetchError, Unreachable
-from .integrity import Checker, OriginChanged, OriginFacts, plan
+from .integrity import Checker, OriginChanged, OriginFacts, with_guessed_parts
 from .store.journal import Journal, layout_of
 from .sources.base import FileEntry, Source, TransientError
 from .store.staging import data_dir, refuse_impossible_names
@@ -94,9 +98,11 @@ class _File:
         self.facts = facts
         self.lock = threading.Lock()
         self.attempts = 0
+        self.generation = 0               # one per fetch of the file: a restart makes the workers' earlier spans stale
         self.reset({})
 
     def reset(self, done: dict[int, str]) -> None:
+        self.generation += 1
         self.done = dict(done)            # chunk index -> sha256, written (the journal makes it durable)
         self.resumed = set(done)          # done by an earlier run: re-hashed from disk and compared
         self.hashed = 0                   # chunks before this index are in the whole-file hashers
@@ -104,8 +110,9 @@ class _File:
         # A one-chunk file's sha256 is its chunk's: no second sha256 of the same bytes.
         self.sha256 = hashlib.sha256() if self.n > 1 or not self.n else None
         self.checker = Checker(self.facts, self.entry.size)
-        # A multipart ETag whose parts are exactly this file's chunks (8 MiB parts, 8 MiB chunks: the common case):
-        # each part's MD5 is taken by the worker that has its bytes, in parallel, not in the in-order pass.
+        # A check over parts (a multipart ETag, a COMPOSITE checksum) whose parts are exactly this file's chunks
+        # (8 MiB parts, 8 MiB chunks: the common case): each part's MD5 or CRC is taken by the worker that has its
+        # bytes, in parallel, not in the in-order pass.
         sizes = self.checker.part_sizes
         self.parts_apart = bool(sizes) and len(sizes) == self.n and all(
             size == self.bounds(i)[1] - self.bounds(i)[0] for i, size in enumerate(sizes))
@@ -185,21 +192,19 @@ class TransferManager:
                 for s in states]
 
     def _all_facts(self, files: Sequence[FileEntry]) -> dict[str, OriginFacts]:
-        """The origin's facts for every file. A file whose ETag alone settles its check is answered at once; the
-        others may ask the origin (a multipart ETag: one HEAD per part): all of them together, not one by one."""
+        """The origin's facts for every file, asked all together (a file may need one HEAD: in parallel, not one by
+        one); a multipart upload's part sizes guessed from the chunk grid (integrity.guess_part_sizes)."""
         facts_of = getattr(self.source, "origin_facts", None)
         if facts_of is None:
             return {f.path: OriginFacts() for f in files}
-        asking = [f for f in files if plan(OriginFacts(etag=f.etag), f.size) != "md5"]
-        out = {f.path: facts_of(f) for f in files if plan(OriginFacts(etag=f.etag), f.size) == "md5"}
-        if len(asking) > 1:
+        if len(files) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(min(len(asking), 8), thread_name_prefix="prefetch-facts") as pool:
-                out.update(zip((f.path for f in asking), pool.map(facts_of, asking)))
+            with ThreadPoolExecutor(min(len(files), 8), thread_name_prefix="prefetch-facts") as pool:
+                answers = dict(zip((f.path for f in files), pool.map(facts_of, files)))
         else:
-            out.update((f.path, facts_of(f)) for f in asking)
-        return out
+            answers = {f.path: facts_of(f) for f in files}
+        return {f.path: with_guessed_parts(answers[f.path], f.size, self.config.chunk_bytes) for f in files}
 
     def tasks_for(self, state: _File) -> list[tuple[int, int]]:
         """Chunk spans [lo, hi) to fetch, one GET each: one per chunk for a big file, one stream for a small one."""
@@ -298,7 +303,6 @@ class _Run:
 
     # -- one GET ---------------------------------------------------------------------------------------
     def _fetch_span(self, state: _File, lo: int, hi: int) -> None:
-        path = state.entry.path
         while lo < hi and lo in state.done:
             lo += 1
         if lo >= hi:
@@ -306,12 +310,13 @@ class _Run:
         # A span that starts where the file's in-order hashing stands (a small file's one stream, a big file's
         # first chunk) feeds the whole-file hashers from the blocks it holds: those bytes are never read back.
         with state.lock:
+            generation = state.generation
             feeding = not state.hashing and state.hashed == lo
             if feeding:
                 state.hashing = True
         fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            finished = self._stream_span(state, lo, hi, fd, feeding)
+            finished = self._stream_span(state, lo, hi, fd, feeding, generation)
         finally:
             os.close(fd)
             if feeding:
@@ -320,15 +325,16 @@ class _Run:
         if feeding and finished:
             self._advance(state)      # finish the file, or go on with chunks other workers wrote meanwhile
 
-    def _stream_span(self, state: _File, lo: int, hi: int, fd: int, feeding: bool) -> bool:
-        """GET chunks [lo, hi) into fd, retrying from the byte reached; False when cancelled."""
+    def _stream_span(self, state: _File, lo: int, hi: int, fd: int, feeding: bool, generation: int) -> bool:
+        """GET chunks [lo, hi) into fd, retrying from the byte reached; False when cancelled, or when the file was
+        started over meanwhile (its chunks are queued again; this span's bytes went to the replaced file)."""
         c = self.config
         path = state.entry.path
         start, end = state.bounds(lo)[0], state.bounds(hi - 1)[1]
         offset, chunk = start, lo
         chunk_end = state.bounds(chunk)[1]
         hasher = hashlib.sha256()
-        part = hashlib.md5() if state.parts_apart else None
+        part = state.checker.part_hasher() if state.parts_apart else None
         attempt = 0
         while True:
             if self.cancelled.is_set():
@@ -354,17 +360,19 @@ class _Run:
                         view = view[len(piece):]
                         if offset == chunk_end:
                             sha = hasher.hexdigest()
+                            if state.generation != generation:
+                                return False     # the file started over: these bytes went to the replaced file
                             if part is not None:
                                 state.checker.add_part(chunk, part.digest())
-                                part = hashlib.md5()
+                                part = state.checker.part_hasher()
                             # Journaled (by the flusher, once durable) only for files of several chunks: a
                             # one-chunk file lost in a crash costs one small GET; the commit fsyncs it.
                             if state.n > 1:
                                 self.journal.add(path, chunk, sha)
                             if feeding:
                                 self._chunk_hashed(state, chunk, sha)
-                            else:
-                                self._chunk_done(state, chunk, sha)
+                            elif not self._chunk_done(state, chunk, sha, generation):
+                                return False
                             chunk += 1
                             chunk_end = state.bounds(chunk)[1] if chunk < state.n else end
                             hasher = hashlib.sha256()
@@ -399,11 +407,16 @@ class _Run:
                 raise
 
     # -- in-order hashing ------------------------------------------------------------------------------
-    def _chunk_done(self, state: _File, index: int, sha: str) -> None:
+    def _chunk_done(self, state: _File, index: int, sha: str, generation: int) -> bool:
+        """A chunk written by a worker that does not feed the in-order hashers; False (and not recorded) when the
+        file was started over since the worker's span began."""
         with state.lock:
+            if state.generation != generation:
+                return False
             state.done[index] = sha
         self.m._hook("chunk_done", state.entry, index, sha)
         self._advance(state)
+        return True
 
     def _chunk_hashed(self, state: _File, index: int, sha: str) -> None:
         """A chunk written by the worker that fed it to the whole-file hashers: done, and already hashed."""
@@ -449,33 +462,53 @@ class _Run:
         again = hashlib.sha256() if index in state.resumed else None
         if again is None and not state.needs_bytes:
             return True               # a one-chunk file with no origin check: its chunk sha256 is the file's
-        part = hashlib.md5() if again is not None and state.parts_apart else None   # (the journal has no MD5s)
+        # (the journal has no part digests: a resumed chunk that is a part is hashed for it here)
+        part = state.checker.part_hasher() if again is not None and state.parts_apart else None
         start, end = state.bounds(index)
-        with open(state.path, "rb") as f:
-            f.seek(start)
-            remaining = end - start
-            while remaining:
-                block = f.read(min(HASH_BLOCK, remaining))
-                if not block:
-                    break
-                state.whole_file(block)
-                if again is not None:
-                    again.update(block)
-                if part is not None:
-                    part.update(block)
-                remaining -= len(block)
+        remaining = end - start
+        for block in _read_back(state.path, start, end):
+            state.whole_file(block)
+            if again is not None:
+                again.update(block)
+            if part is not None:
+                part.update(block)
+            remaining -= len(block)
         if part is not None:
             state.checker.add_part(index, part.digest())
         return not remaining and (again is None or again.hexdigest() == state.done[index])
 
     def _finish(self, state: _File) -> None:
         bad = state.checker.mismatch()
+        if bad is not None and state.facts.parts_guessed:
+            bad = self._check_real_parts(state, bad)
         if bad is None:
             with self.changed:
                 state.result = state.sha256.hexdigest() if state.sha256 is not None else state.done[0]
                 self.changed.notify_all()
             return
         self._restart(state, bad)
+
+    def _check_real_parts(self, state: _File, bad: str) -> str | None:
+        """A check over guessed part sizes failed: learn the real ones (one HEAD per part). The same sizes: the
+        bytes are corrupt. Others: the guess was wrong, and the file on disk is checked again with them. Either way
+        the file's facts now hold the real sizes, for a fetch again."""
+        learn = getattr(self.m.source, "part_sizes", None)
+        if learn is None:
+            return bad
+        sizes = learn(state.entry, len(state.facts.part_sizes))
+        if sizes is None:
+            return bad
+        guessed = state.facts.part_sizes
+        state.facts = dataclasses.replace(state.facts, part_sizes=sizes, parts_guessed=False)
+        if sizes == guessed:
+            return bad
+        checker = Checker(state.facts, state.entry.size)
+        for block in _read_back(state.path, 0, state.entry.size):
+            checker.update(block)
+        bad = checker.mismatch()
+        if bad is None:
+            state.checker = checker
+        return bad
 
     def _restart(self, state: _File, why: str) -> None:
         """Bytes corrupted on the way (a whole-file check cannot tell which chunk): the file again, from scratch."""
@@ -486,8 +519,13 @@ class _Run:
         self.m.restarted.append(state.entry.path)
         self.m._hook("file_restarted", state.entry)
         self.journal.restart(state.entry.path)
-        with open(state.path, "wb", opener=_no_follow) as f:
+        # A new inode, not the old one truncated: a worker still writing a span of the last fetch writes into the
+        # replaced file, and its chunks are not counted (generation). Made beside the journal, outside the data
+        # tree (no listed name can clash), and renamed over the file in one step: every open finds a file.
+        fresh = self.journal.path.parent / f"restart-{os.getpid()}-{random.getrandbits(48):x}"
+        with open(fresh, "xb", opener=_no_follow) as f:
             f.truncate(state.entry.size)
+        os.replace(fresh, state.path)
         with state.lock:
             state.reset({})
             state.hashing = True      # released by _advance's finally
@@ -499,6 +537,27 @@ class _ShuffledQueue(queue.Queue):
 
     def _put(self, item) -> None:
         self.queue.insert(random.randrange(len(self.queue) + 1), item)
+
+
+_buffers = threading.local()
+
+
+def _read_back(path: Path, start: int, end: int):
+    """Bytes [start, end) of a file we wrote (from the page cache), in HASH_BLOCK views of one buffer per thread:
+    no fresh allocation per block (each would be page-faulted in again: ~0.2 CPU-s per GiB read back)."""
+    buffer = getattr(_buffers, "block", None)
+    if buffer is None:
+        buffer = _buffers.block = memoryview(bytearray(HASH_BLOCK))
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        while start < end:
+            n = os.preadv(fd, [buffer[:min(HASH_BLOCK, end - start)]], start)
+            if not n:
+                return
+            yield buffer[:n]
+            start += n
+    finally:
+        os.close(fd)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

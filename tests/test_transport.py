@@ -8,6 +8,7 @@ proxied `mlflow-artifacts:/` mode, whose server ignores Range: each file is then
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 
@@ -144,10 +145,23 @@ def test_endpoint_and_credentials_as_mlflow_users_set_them(transport, s3, use_en
                  "PREFETCH_TRANSPORT": transport})
         w = prefetch.warm("s3://models/transport")
         through = counting.stats()
+        # A multipart object: its HEAD (the stored checksum) goes the same way, signed with the profile's keys.
+        import boto3.s3.transfer
+
+        big = os.urandom(10 * MiB + 1)
+        s3.client(endpoint=s3.direct_endpoint).upload_fileobj(
+            io.BytesIO(big), "models", "creds/big.bin",
+            Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+        counting.reset()
+        big_warm = prefetch.warm("s3://models/creds")
+        big_through = counting.stats()
     finally:
         counting.stop()
     assert (w.path / "w.bin").read_bytes() == blob
     assert through["get_requests"] >= 3, through      # the listing and both files went to MLFLOW_S3_ENDPOINT_URL
+    assert (big_warm.path / "big.bin").read_bytes() == big
+    assert big_through["head_requests"] == 1, big_through
+    assert [f.origin_check for f in Store(cache_dir).lookup(big_warm.key).files] == ["crc32"]
 
 
 def _manifest_hashes(cache, key: str) -> dict[str, tuple[int, str]]:
@@ -177,9 +191,12 @@ def test_warm_native_gives_the_same_manifest_as_boto3(mlflow_direct, use_env, tm
         checks[transport] = _manifest_checks(settings.cache_dir, w.key)
         assert Store(settings.cache_dir).verify(w.key) == []
     assert out["native"] == out["boto3"]
-    # The same origin checks: MD5 from every ETag, multipart ones (the big files: "-N") through their parts' sizes.
+    # The same origin checks: the big files (multipart: "-N") by the COMPOSITE CRC32 that MLflow's boto3 upload
+    # stored, over their parts; the small ones by the MD5 of their ETag (no HEAD).
     assert checks["native"] == checks["boto3"]
-    assert {c[0] for c in checks["native"].values()} == {"md5"}
+    assert {k: c[0] for k, c in checks["native"].items() if "weights" in k} == {
+        "artifacts/weights-0.bin": "crc32", "artifacts/weights-1.bin": "crc32"}
+    assert {c[0] for k, c in checks["native"].items() if "weights" not in k} == {"md5"}
     assert all(re.search(r"^[0-9a-f]{32}-\d+$", c[1]) for k, c in checks["native"].items() if "weights" in k)
     assert len(out["native"]) >= 150 + 2
     # And the hashes are the uploaded bytes' (independent of both transports): recompute the big files'.
@@ -240,33 +257,107 @@ def _multipart_with_crc32(client, key: str, kind: str, bodies: list[bytes]) -> N
                                      **({"ChecksumCRC32": full, "ChecksumType": kind} if kind == "FULL_OBJECT" else {}))
 
 
-@pytest.mark.parametrize("transport", ["native", "boto3"])
-def test_past_max_part_heads_a_stored_full_object_checksum_is_the_check(transport, s3, use_env, tmp_path,
-                                                                        monkeypatch, fresh_pool):
-    """A multipart ETag with more parts than MAX_PART_HEADS: one HEAD with ChecksumMode=ENABLED instead of one
-    per part; a FULL_OBJECT CRC32 stored at upload is then the origin check (a COMPOSITE one is not), and it
-    catches a byte flipped in transit. Below the limit the same objects are checked by their parts' MD5s."""
-    from prefetch.sources import s3 as s3_module
+def _multipart_plain(client, key: str, bodies: list[bytes]) -> None:
+    """A multipart upload with no checksums (client built with checksums=False): only its MD5 ETag checks it."""
+    up = client.create_multipart_upload(Bucket="models", Key=key)
+    parts = [{"PartNumber": n, "ETag": client.upload_part(Bucket="models", Key=key, PartNumber=n,
+                                                          UploadId=up["UploadId"], Body=body)["ETag"]}
+             for n, body in enumerate(bodies, 1)]
+    client.complete_multipart_upload(Bucket="models", Key=key, UploadId=up["UploadId"],
+                                     MultipartUpload={"Parts": parts})
 
+
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_stored_checksums_and_guessed_part_sizes(transport, s3, use_env, tmp_path, fresh_pool):
+    """Each multipart file costs one HEAD (ChecksumMode=ENABLED), never one per part while the guessed part sizes
+    check out: a FULL_OBJECT CRC32 is checked over the bytes, a COMPOSITE one over the parts, an object with no
+    stored checksum by its ETag's MD5 over the parts. Parts the guess gets wrong (6 MiB parts with 5 MiB chunks)
+    cost one HEAD per part, after which the file on disk is checked again and committed, not fetched again. A byte
+    flipped in transit is caught either way: in a file whose guess was right (its real part sizes are the guessed
+    ones: a corruption, fetched again) and in one whose guess was wrong (the check with the real sizes fails)."""
     client = s3.client(endpoint=s3.direct_endpoint)
-    bodies = [os.urandom(5 * MiB), os.urandom(1000)]
-    _multipart_with_crc32(client, "fullck/full.bin", "FULL_OBJECT", bodies)
-    _multipart_with_crc32(client, "fullck/composite.bin", "COMPOSITE", bodies)
+    five = [os.urandom(5 * MiB), os.urandom(1000)]
+    six = [os.urandom(6 * MiB), os.urandom(6 * MiB), os.urandom(1000)]
+    _multipart_with_crc32(client, "guess/full.bin", "FULL_OBJECT", five)
+    _multipart_with_crc32(client, "guess/composite.bin", "COMPOSITE", five)
+    _multipart_plain(s3.client(endpoint=s3.direct_endpoint, checksums=False), "guess/plain.bin", five)
+    _multipart_with_crc32(client, "guess/odd.bin", "COMPOSITE", six)
+    bodies = {"full.bin": five, "composite.bin": five, "plain.bin": five, "odd.bin": six}
     proxy = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
     try:
-        use_env({**s3.env(proxy.url), "PREFETCH_TRANSPORT": transport})
+        use_env({**s3.env(proxy.url), "PREFETCH_TRANSPORT": transport, "PREFETCH_CHUNK_BYTES": str(5 * MiB),
+                 "PREFETCH_MULTIPART_THRESHOLD": str(5 * MiB)})
 
-        def checks(cache: str) -> dict[str, str]:
-            w = prefetch.warm("s3://models/fullck", settings=Settings.load(cache_dir=tmp_path / cache))
-            assert (w.path / "full.bin").read_bytes() == b"".join(bodies)
-            return {f.path: f.origin_check for f in Store(tmp_path / cache).lookup(w.key).files}, w
+        def warm(cache: str):
+            proxy.reset()
+            w = prefetch.warm("s3://models/guess", settings=Settings.load(cache_dir=tmp_path / cache))
+            assert {name: (w.path / name).read_bytes() == b"".join(b) for name, b in bodies.items()} == \
+                {name: True for name in bodies}
+            return {f.path: f.origin_check for f in Store(tmp_path / cache).lookup(w.key).files}, w, proxy.stats()
 
-        assert checks("parts")[0] == {"full.bin": "md5", "composite.bin": "md5"}
-        monkeypatch.setattr(s3_module, "MAX_PART_HEADS", 1)
-        assert checks("checksum")[0] == {"full.bin": "crc32", "composite.bin": "none"}
-        proxy.add_fault("flip", b"fullck/full.bin", after=4321)
-        flipped, w = checks("flipped")
+        checks, w, stats = warm("clean")
+        assert checks == {"full.bin": "crc32", "composite.bin": "crc32", "plain.bin": "md5", "odd.bin": "crc32"}
+        assert stats["head_requests"] == 4 + 3, stats      # one per file, and odd.bin's 3 parts
+        assert w.resolved.note is None                      # nothing fetched twice
+        proxy.add_fault("flip", b"guess/composite.bin", range_start=0, after=4321)
+        proxy.add_fault("flip", b"guess/odd.bin", range_start=5 * MiB, after=999)
+        checks, w, stats = warm("flipped")
     finally:
         proxy.stop()
-    assert flipped["full.bin"] == "crc32" and proxy.stats()["faults_served"] == 1
-    assert "full.bin" in (w.resolved.note or ""), w.resolved.note   # fetched again; the second copy committed
+    assert stats["faults_served"] == 2
+    assert checks == {"full.bin": "crc32", "composite.bin": "crc32", "plain.bin": "md5", "odd.bin": "crc32"}
+    assert "composite.bin" in w.resolved.note and "odd.bin" in w.resolved.note, w.resolved.note
+    assert stats["head_requests"] == 4 + 2 + 3, stats     # composite.bin's parts asked too, once its check failed
+
+
+def test_the_signed_head_is_botocores_signature():
+    """The native transport's HEADs are signed by sources/s3_head.py: the same Authorization header as botocore's
+    S3SigV4Auth for the same request (a key that needs encoding, a part number, the checksum mode, If-Match and a
+    session token), at the time botocore signed it."""
+    import datetime
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from prefetch.sources.s3_head import object_url, sign
+
+    scheme, host, path = object_url("http://127.0.0.1:8333", "eu-west-1", "models", "a b/ü+x=1.bin")
+    assert (scheme, host) == ("http", "127.0.0.1:8333") and path == "/models/a%20b/%C3%BC%2Bx%3D1.bin"
+    headers = {"x-amz-checksum-mode": "ENABLED", "If-Match": '"0123abc-2"'}
+    request = AWSRequest("HEAD", f"{scheme}://{host}{path}?partNumber=2", headers=dict(headers))
+    S3SigV4Auth(Credentials("AKID", "secret/key+1", "session-token"), "s3", "eu-west-1").add_auth(request)
+    when = datetime.datetime.strptime(request.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
+        tzinfo=datetime.timezone.utc)
+    ours = sign("HEAD", host, path, {"partNumber": "2"}, headers, "eu-west-1", "AKID", "secret/key+1",
+                "session-token", now=when)
+    assert ours["Authorization"] == request.headers["Authorization"]
+    assert ours["x-amz-security-token"] == request.headers["X-Amz-Security-Token"]
+    # and the control: another secret is another signature
+    assert sign("HEAD", host, path, {"partNumber": "2"}, headers, "eu-west-1", "AKID", "other", "session-token",
+                now=when)["Authorization"] != request.headers["Authorization"]
+
+
+def test_the_signed_head_against_the_server(s3, blob):
+    """Against real SeaweedFS (which checks signatures): the fields in boto3's shape, and each refusal our error."""
+    from prefetch.errors import Unreachable
+    from prefetch.sources.s3_head import head_object
+    from prefetch.sources.s3_native import _Frozen
+
+    good = _Frozen(s3.access_key, s3.secret_key, None)
+    etag = s3.client().head_object(Bucket="models", Key="transport/w.bin")["ETag"].strip('"')
+
+    def head(key="transport/w.bin", credentials=good, **kw):
+        return head_object(s3.direct_endpoint, s3.region, "models", key, credentials, uri="s3://models/t", **kw)
+
+    answer = head(checksums=True, if_match=etag)
+    assert answer["ContentLength"] == 5 * MiB + 3 and answer["ETag"].strip('"') == etag
+    assert answer["ChecksumCRC32"] == s3.client().head_object(Bucket="models", Key="transport/w.bin",
+                                                               ChecksumMode="ENABLED")["ChecksumCRC32"]
+    assert "ChecksumCRC32" not in head()             # asked for only with the checksum mode
+    with pytest.raises(Unreachable, match="refused the credentials"):
+        head(credentials=_Frozen(s3.access_key, "wrong-secret", None))
+    with pytest.raises(NotFound):
+        head("transport/missing.bin")
+    with pytest.raises(OriginChanged):
+        head(if_match="0" * 32)

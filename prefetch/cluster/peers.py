@@ -288,6 +288,10 @@ class PeerSource:
             return OriginFacts()
         return facts(entry)
 
+    def part_sizes(self, entry: FileEntry, parts: int) -> tuple[int, ...] | None:
+        learn = getattr(self.origin, "part_sizes", None)
+        return learn(entry, parts) if learn is not None else None
+
     def read(self, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         entry = self.files[path]
         end = entry.size if end is None else end

@@ -17,10 +17,9 @@ from .base import FileEntry, TransientError, safe_relpath
 
 _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken", "403"}
 _MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
-# A multipart ETag ("<md5 of part md5s>-N") is checked by recomputing it, which needs every part's size: one HEAD
-# per part. Past this many parts that costs more requests than it is worth, and the object's stored full-object
-# checksum (if any) is asked for instead.
-MAX_PART_HEADS = 64
+# A stored checksum (CRC32: 0.16 CPU-s per GiB) is cheaper to check than the ETag's MD5 (1.29): from this size on,
+# one HEAD (ChecksumMode=ENABLED) to learn it costs less than hashing the file with MD5 (8 MiB: 10 ms of MD5).
+HEAD_FROM = 8 << 20
 # HEAD fields -> the check they allow (prefetch/integrity.py); SHA-1 and CRC64NVME are not checked here.
 _CHECKSUM_FIELDS = {"ChecksumSHA256": "sha256", "ChecksumCRC32C": "crc32c", "ChecksumCRC32": "crc32"}
 _clients: dict = {}
@@ -99,18 +98,25 @@ def translate(error: Exception, uri: str, what: str) -> Exception:
     return error
 
 
-def full_object_checksums(head: dict, multipart: bool) -> dict[str, str]:
-    """The checksums of a HEAD/GET answer (ChecksumMode=ENABLED) that cover the whole object's bytes.
+def stored_checksums(head: dict, multipart: bool) -> dict[str, str]:
+    """The checksums of a HEAD answer (ChecksumMode=ENABLED) that prefetch/integrity.py can check.
 
-    A multipart upload's checksum is COMPOSITE unless it was uploaded with ChecksumType=FULL_OBJECT: then it is a
-    checksum of the part checksums, written "<base64>-N", and no hash of the bytes in order can match it. A
-    single-part upload's checksum is always of the whole object (some servers leave ChecksumType out for it); a
-    multipart object whose answer does not say FULL_OBJECT is not trusted to be one."""
+    A single-part upload's checksum is of the whole object (some servers leave ChecksumType out for it). A
+    multipart upload's is FULL_OBJECT (of the bytes in order) only when the upload asked for that; otherwise it is
+    COMPOSITE, written "<base64>-N": the checksum of the parts' checksums, checked over the parts. A multipart
+    value that says neither (no type, no "-N") is not trusted to be either, and is left out."""
     kind = head.get("ChecksumType")
-    if kind == "COMPOSITE" or (kind != "FULL_OBJECT" and multipart):
-        return {}
-    return {name: head[field] for field, name in _CHECKSUM_FIELDS.items()
-            if head.get(field) and "-" not in head[field]}   # '-' is no base64 digit: a "-N" composite suffix
+    out = {}
+    for field, name in _CHECKSUM_FIELDS.items():
+        value = head.get(field)
+        if not value:
+            continue
+        if "-" in value:            # '-' is no base64 digit: a "-N" composite suffix
+            if kind != "FULL_OBJECT":
+                out[name] = value
+        elif not multipart or kind == "FULL_OBJECT":
+            out[name] = value
+    return out
 
 
 class S3Prefix:
@@ -141,43 +147,44 @@ class S3Prefix:
         self._keys[path] = (key, etag)
         return path
 
-    def _head_client(self):
-        """The boto3 client that sends the few HEADs a transport may not (part sizes, stored checksums)."""
+    def _head(self, key: str, *, part_number: int | None = None, checksums: bool = False,
+              if_match: str | None = None) -> dict:
+        """One HEAD in boto3's answer shape; errors are ours (NotFound, Unreachable, OriginChanged, TransientError)."""
         raise NotImplementedError
 
     def origin_facts(self, entry: FileEntry) -> OriginFacts:
-        """What S3 says about the content, the same for both transports, asking only when the ETag alone gives no
-        check. A single-part ETag is the MD5 already (no request); a multipart one is checkable once each part's
-        size is known: one HEAD per part (PartNumber), for up to MAX_PART_HEADS parts, sent in parallel. Otherwise
-        (more parts, no ETag, an ETag that is no MD5): one HEAD with ChecksumMode=ENABLED, for the full-object
-        checksum the uploader may have stored (full_object_checksums: never a COMPOSITE one)."""
+        """What S3 says about the content, the same for both transports. A small file with an MD5 ETag needs no
+        request (its MD5 is cheap); any other file gets one HEAD with ChecksumMode=ENABLED, for a checksum the
+        uploader stored (boto3 >= 1.36 stores a CRC32 by default), which is cheaper to check than the MD5.
+        A multipart upload's part sizes are not asked for here: the engine guesses them (integrity.py) and asks
+        only if a guessed check fails (part_sizes())."""
         key, etag = self._key(entry.path)
         etag = etag or entry.etag
         facts = OriginFacts(etag=etag)
-        if plan(facts, entry.size) != "none":
+        if plan(facts, entry.size) == "md5" and entry.size < HEAD_FROM:
             return facts
-        parts = facts.multipart_parts
-        pin = {"IfMatch": f'"{etag}"'} if etag else {}
         try:
-            client = self._head_client()
-            if parts and parts <= MAX_PART_HEADS:
-                from concurrent.futures import ThreadPoolExecutor
-
-                def head(n: int) -> dict:
-                    return client.head_object(Bucket=self.bucket, Key=key, PartNumber=n, **pin)
-
-                with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
-                    heads = list(pool.map(head, range(1, parts + 1)))   # in parallel: one round trip, not N
-                return OriginFacts(etag=etag, version_id=heads[0].get("VersionId"),
-                                   part_sizes=tuple(int(h["ContentLength"]) for h in heads))
-            head = client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED", **pin)
-        except Exception as e:  # noqa: BLE001
-            err = translate(e, self.uri, f"HEAD {key}")
-            if isinstance(err, (OriginChanged, TransientError, Unreachable, NotFound, BadSetting)):
-                raise err from None
+            head = self._head(key, checksums=True, if_match=etag)
+        except (OriginChanged, TransientError, Unreachable, NotFound, BadSetting):
+            raise
+        except Exception:  # noqa: BLE001 - an answer we cannot read: the ETag alone is the check
             return facts
         return OriginFacts(etag=etag, version_id=head.get("VersionId"),
-                           checksums=full_object_checksums(head, multipart=parts is not None))
+                           checksums=stored_checksums(head, multipart=facts.multipart_parts is not None))
+
+    def part_sizes(self, entry: FileEntry, parts: int) -> tuple[int, ...]:
+        """Each part's size, from one HEAD per part (?partNumber=k, in parallel): asked only when a check over
+        guessed part sizes failed, to tell a wrong guess from a corruption."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        key, etag = self._key(entry.path)
+        etag = etag or entry.etag
+
+        def head(n: int) -> int:
+            return int(self._head(key, part_number=n, if_match=etag)["ContentLength"])
+
+        with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
+            return tuple(pool.map(head, range(1, parts + 1)))
 
     def _key(self, path: str) -> tuple[str, str | None]:
         if path in self._keys:
@@ -191,8 +198,19 @@ class S3Source(S3Prefix):
         super().__init__(uri)
         self.client = s3_client(settings)
 
-    def _head_client(self):
-        return self.client
+    def _head(self, key: str, *, part_number: int | None = None, checksums: bool = False,
+              if_match: str | None = None) -> dict:
+        kwargs: dict = {"Bucket": self.bucket, "Key": key}
+        if part_number:
+            kwargs["PartNumber"] = part_number
+        if checksums:
+            kwargs["ChecksumMode"] = "ENABLED"
+        if if_match:
+            kwargs["IfMatch"] = f'"{if_match}"'
+        try:
+            return self.client.head_object(**kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise translate(e, self.uri, f"HEAD {key}") from None
 
     def list(self) -> list[FileEntry]:
         prefix = f"{self.prefix}/" if self.prefix else ""

@@ -19,7 +19,7 @@ from typing import Iterator
 from ..config import Settings
 from ..errors import BadSetting, NotFound, OriginChanged, PrefetchError, Unreachable
 from .base import FileEntry, TransientError, safe_relpath
-from .s3 import S3Prefix, S3Source, endpoint_url, s3_client
+from .s3 import S3Prefix, S3Source, endpoint_url
 
 # read() yields blocks of at least this size as they arrive (the last may be shorter): the engine's offset follows
 # the socket, so a reset mid-range is resumed from the byte reached, and memory stays a few blocks per request.
@@ -84,12 +84,13 @@ def _resolve_credentials(uri: str):
     return credentials.get_frozen_credentials(), None, _region(session)
 
 
-def s3_store(bucket: str, settings: Settings, uri: str):
-    """One obstore S3Store per (bucket, endpoint, credentials) per process: it holds the connection pool."""
+def s3_store(bucket: str, settings: Settings, credentials: tuple):
+    """One obstore S3Store per (bucket, endpoint, credentials) per process: it holds the connection pool.
+    `credentials` is what _resolve_credentials() found."""
     from obstore.store import S3Store
 
     endpoint = endpoint_url()
-    frozen, refreshable, region = _resolve_credentials(uri)
+    frozen, refreshable, region = credentials
     cache_key = (bucket, endpoint, region, os.environ.get("MLFLOW_S3_IGNORE_TLS", ""),
                  settings.connect_timeout, settings.read_timeout,
                  # a refreshable credential is one per profile (boto3 refreshes it in place)
@@ -180,21 +181,32 @@ def _first_line(text: str, limit: int = 160) -> str:
 
 
 class NativeS3Source(S3Prefix):
-    """Listing and GETs through obstore. What obstore cannot do goes through boto3 (imported only then): the
-    HEADs of origin_facts (part sizes, stored checksums: obstore's head takes no options), and keys obstore's
-    paths cannot name ('a//b', 'a/./b': it refuses empty and '.' segments) are listed and read as listed."""
+    """Listing and GETs through obstore. The HEADs of origin_facts (stored checksums, part sizes: obstore's head
+    takes no options) are signed here (s3_head.py); keys obstore's paths cannot name ('a//b', 'a/./b': it refuses
+    empty and '.' segments) are listed and read through boto3 (imported only then), as listed."""
 
     def __init__(self, uri: str, settings: Settings):
         super().__init__(uri)
         self.settings = settings
-        self.store = s3_store(self.bucket, settings, uri)
+        self.credentials = _resolve_credentials(uri)
+        self.store = s3_store(self.bucket, settings, self.credentials)
         self._boto3_source: S3Source | None = None
         # obstore hands a block over only once it is whole: a connection at half the rate floor must still
         # deliver one per rate window, or the engine could not see that it trickles (1 MiB with the defaults).
         self.block = max(MIN_STREAM_BLOCK, min(STREAM_BLOCK, int(settings.min_rate * settings.min_rate_window / 2)))
 
-    def _head_client(self):
-        return s3_client(self.settings)
+    def _head(self, key: str, *, part_number: int | None = None, checksums: bool = False,
+              if_match: str | None = None) -> dict:
+        """obstore's HEAD sends no options: a HEAD signed here (sources/s3_head.py), with the credentials the
+        store was built with, so no boto3 client is built for it."""
+        from .s3_head import head_object
+
+        frozen, refreshable, region = self.credentials
+        credentials = frozen if frozen is not None else refreshable.get_frozen_credentials()
+        return head_object(endpoint_url(), region, self.bucket, key, credentials, uri=self.uri,
+                           part_number=part_number, checksums=checksums, if_match=if_match,
+                           timeout=self.settings.read_timeout,
+                           verify_tls=os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() != "true")
 
     def _boto3(self) -> S3Source:
         if self._boto3_source is None:

@@ -140,7 +140,10 @@ class SeaweedS3:
             "AWS_ENDPOINT_URL_S3": ep,
         }
 
-    def client(self, endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None):
+    def client(self, endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None,
+               checksums: bool = True):
+        """A boto3 client. checksums=False: uploads store no checksum (as boto3 before 1.36, or an uploader
+        that sends none), so the ETag's MD5 is all an object carries."""
         import boto3
         from botocore.config import Config
 
@@ -154,6 +157,7 @@ class SeaweedS3:
                 s3={"addressing_style": "path"},
                 retries={"max_attempts": 2, "mode": "standard"},
                 max_pool_connections=64,
+                request_checksum_calculation="when_supported" if checksums else "when_required",
             ),
         )
 
