@@ -18,8 +18,8 @@ its CPU on. A stored checksum is either full-object (of the bytes in order) or, 
 
 A multipart ETag or COMPOSITE checksum is checked over the parts, so the part sizes must be known. They are not
 asked for (one HEAD per part) but guessed (guess_part_sizes): the uploader's part size is almost always the
-transfer's chunk size or a common default, and a wrong guess cannot pass, because no other split of the bytes
-gives the same MD5s or CRCs. Only when a guessed check fails does the engine learn the real sizes (one HEAD per
+transfer's chunk size or a common default, and a wrong guess does not pass: another split of the bytes gives
+other MD5s or CRCs (a CRC matches by chance once in 2^32, the odds of any CRC check). Only when a guessed check fails does the engine learn the real sizes (one HEAD per
 part) and check again from disk: a failure with the real sizes is a corruption.
 
 The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), or, when the parts
@@ -40,7 +40,6 @@ MiB = 1 << 20
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
 _COMPOSITE = re.compile(r"^([A-Za-z0-9+/=]+)-(\d+)$")
-CHECKS = ("sha256", "crc32c", "crc32", "md5", "none")
 # Part sizes uploaders use, tried after the transfer's own chunk size: s3transfer / aws-cli / MLflow (8 MiB),
 # the S3 minimum that rclone and many SDKs use (5 MiB), MinIO's and s5cmd's (16, 50 MiB), and larger round ones.
 COMMON_PART_SIZES = tuple(n * MiB for n in (8, 5, 16, 50, 64, 100, 128, 256, 512))

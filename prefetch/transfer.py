@@ -194,17 +194,25 @@ class TransferManager:
     def _all_facts(self, files: Sequence[FileEntry]) -> dict[str, OriginFacts]:
         """The origin's facts for every file, asked all together (a file may need one HEAD: in parallel, not one by
         one); a multipart upload's part sizes guessed from the chunk grid (integrity.guess_part_sizes)."""
-        facts_of = getattr(self.source, "origin_facts", None)
-        if facts_of is None:
+        origin_facts = getattr(self.source, "origin_facts", None)
+        if origin_facts is None:
             return {f.path: OriginFacts() for f in files}
+        learn = getattr(self.source, "part_sizes", None)
+
+        def facts_of(entry: FileEntry) -> OriginFacts:
+            facts = with_guessed_parts(origin_facts(entry), entry.size, self.config.chunk_bytes)
+            parts = facts.multipart_parts
+            if parts and facts.part_sizes is None and learn is not None:
+                # No common part size gives this many parts: each part's size is asked (one HEAD per part).
+                facts = dataclasses.replace(facts, part_sizes=learn(entry, parts))
+            return facts
+
         if len(files) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(min(len(files), 8), thread_name_prefix="prefetch-facts") as pool:
-                answers = dict(zip((f.path for f in files), pool.map(facts_of, files)))
-        else:
-            answers = {f.path: facts_of(f) for f in files}
-        return {f.path: with_guessed_parts(answers[f.path], f.size, self.config.chunk_bytes) for f in files}
+                return dict(zip((f.path for f in files), pool.map(facts_of, files)))
+        return {f.path: facts_of(f) for f in files}
 
     def tasks_for(self, state: _File) -> list[tuple[int, int]]:
         """Chunk spans [lo, hi) to fetch, one GET each: one per chunk for a big file, one stream for a small one."""

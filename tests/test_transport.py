@@ -272,7 +272,8 @@ def test_stored_checksums_and_guessed_part_sizes(transport, s3, use_env, tmp_pat
     """Each multipart file costs one HEAD (ChecksumMode=ENABLED), never one per part while the guessed part sizes
     check out: a FULL_OBJECT CRC32 is checked over the bytes, a COMPOSITE one over the parts, an object with no
     stored checksum by its ETag's MD5 over the parts. Parts the guess gets wrong (6 MiB parts with 5 MiB chunks)
-    cost one HEAD per part, after which the file on disk is checked again and committed, not fetched again. A byte
+    cost one HEAD per part, after which the file on disk is checked again and committed, not fetched again; parts
+    no common size can give (7 parts of 6 MiB) are asked before the first GET, one HEAD each. A byte
     flipped in transit is caught either way: in a file whose guess was right (its real part sizes are the guessed
     ones: a corruption, fetched again) and in one whose guess was wrong (the check with the real sizes fails)."""
     client = s3.client(endpoint=s3.direct_endpoint)
@@ -282,7 +283,9 @@ def test_stored_checksums_and_guessed_part_sizes(transport, s3, use_env, tmp_pat
     _multipart_with_crc32(client, "guess/composite.bin", "COMPOSITE", five)
     _multipart_plain(s3.client(endpoint=s3.direct_endpoint, checksums=False), "guess/plain.bin", five)
     _multipart_with_crc32(client, "guess/odd.bin", "COMPOSITE", six)
-    bodies = {"full.bin": five, "composite.bin": five, "plain.bin": five, "odd.bin": six}
+    seven = [os.urandom(6 * MiB) for _ in range(6)] + [os.urandom(1000)]
+    _multipart_plain(s3.client(endpoint=s3.direct_endpoint, checksums=False), "guess/many.bin", seven)
+    bodies = {"full.bin": five, "composite.bin": five, "plain.bin": five, "odd.bin": six, "many.bin": seven}
     proxy = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
     try:
         use_env({**s3.env(proxy.url), "PREFETCH_TRANSPORT": transport, "PREFETCH_CHUNK_BYTES": str(5 * MiB),
@@ -296,8 +299,9 @@ def test_stored_checksums_and_guessed_part_sizes(transport, s3, use_env, tmp_pat
             return {f.path: f.origin_check for f in Store(tmp_path / cache).lookup(w.key).files}, w, proxy.stats()
 
         checks, w, stats = warm("clean")
-        assert checks == {"full.bin": "crc32", "composite.bin": "crc32", "plain.bin": "md5", "odd.bin": "crc32"}
-        assert stats["head_requests"] == 4 + 3, stats      # one per file, and odd.bin's 3 parts
+        assert checks == {"full.bin": "crc32", "composite.bin": "crc32", "plain.bin": "md5", "odd.bin": "crc32",
+                          "many.bin": "md5"}
+        assert stats["head_requests"] == 5 + 3 + 7, stats  # one per file, odd.bin's 3 parts, many.bin's 7
         assert w.resolved.note is None                      # nothing fetched twice
         proxy.add_fault("flip", b"guess/composite.bin", range_start=0, after=4321)
         proxy.add_fault("flip", b"guess/odd.bin", range_start=5 * MiB, after=999)
@@ -305,9 +309,37 @@ def test_stored_checksums_and_guessed_part_sizes(transport, s3, use_env, tmp_pat
     finally:
         proxy.stop()
     assert stats["faults_served"] == 2
-    assert checks == {"full.bin": "crc32", "composite.bin": "crc32", "plain.bin": "md5", "odd.bin": "crc32"}
+    assert checks == {"full.bin": "crc32", "composite.bin": "crc32", "plain.bin": "md5", "odd.bin": "crc32",
+                      "many.bin": "md5"}
     assert "composite.bin" in w.resolved.note and "odd.bin" in w.resolved.note, w.resolved.note
-    assert stats["head_requests"] == 4 + 2 + 3, stats     # composite.bin's parts asked too, once its check failed
+    assert stats["head_requests"] == 5 + 3 + 7 + 2, stats  # and composite.bin's 2 parts, once its check failed
+
+
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_the_origin_checks_heads_are_retried(transport, s3, use_env, cache_dir, fresh_pool):
+    """A 503 to the HEAD that asks for a stored checksum is retried with backoff, as GETs are; when it never ends,
+    the warm exits 4 in one line, nothing committed."""
+    import boto3.s3.transfer
+
+    big = os.urandom(10 * MiB + 1)
+    s3.client(endpoint=s3.direct_endpoint).upload_fileobj(
+        io.BytesIO(big), "models", "heads/big.bin",
+        Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    proxy = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    try:
+        env = {**s3.env(proxy.url), "PREFETCH_TRANSPORT": transport}
+        use_env(env)
+        proxy.add_fault("503", b"heads/big.bin", method=b"HEAD", count=2)
+        w = prefetch.warm("s3://models/heads")
+        assert proxy.stats()["faults_served"] == 2 and (w.path / "big.bin").read_bytes() == big
+        assert [f.origin_check for f in Store(cache_dir).lookup(w.key).files] == ["crc32"]
+        proxy.clear_faults()
+        proxy.add_fault("503", b"heads/big.bin", method=b"HEAD", count=1000)
+        proc = run_cli("warm", "s3://models/heads", env={**env, "PREFETCH_CACHE_DIR": str(cache_dir / "other")})
+    finally:
+        proxy.stop()
+    assert_clean_error(proc, 4, "s3://models/heads", "503")
+    assert not (cache_dir / "other" / "objects").exists() or not list((cache_dir / "other" / "objects").iterdir())
 
 
 def test_the_signed_head_is_botocores_signature():

@@ -6,7 +6,9 @@ else AWS. Credentials: boto3's own chain (AWS_* env, ~/.aws, instance roles).
 from __future__ import annotations
 
 import os
+import random
 import threading
+import time
 from typing import Iterator
 from urllib.parse import urlparse
 
@@ -20,6 +22,7 @@ _MISSING = {"NoSuchBucket", "NoSuchKey", "404", "NotFound"}
 # A stored checksum (CRC32: 0.16 CPU-s per GiB) is cheaper to check than the ETag's MD5 (1.29): from this size on,
 # one HEAD (ChecksumMode=ENABLED) to learn it costs less than hashing the file with MD5 (8 MiB: 10 ms of MD5).
 HEAD_FROM = 8 << 20
+HEADS_TRIED = 4
 # HEAD fields -> the check they allow (prefetch/integrity.py); SHA-1 and CRC64NVME are not checked here.
 _CHECKSUM_FIELDS = {"ChecksumSHA256": "sha256", "ChecksumCRC32C": "crc32c", "ChecksumCRC32": "crc32"}
 _clients: dict = {}
@@ -152,6 +155,19 @@ class S3Prefix:
         """One HEAD in boto3's answer shape; errors are ours (NotFound, Unreachable, OriginChanged, TransientError)."""
         raise NotImplementedError
 
+    def _head_retried(self, key: str, **options) -> dict:
+        """_head(), a 5xx or a broken connection retried (HEADS_TRIED times in all, with backoff), as the engine
+        retries its GETs."""
+        attempt = 1
+        while True:
+            try:
+                return self._head(key, **options)
+            except TransientError:
+                if attempt >= HEADS_TRIED:
+                    raise
+                time.sleep(0.2 * 2 ** (attempt - 1) * (0.5 + random.random()))
+                attempt += 1
+
     def origin_facts(self, entry: FileEntry) -> OriginFacts:
         """What S3 says about the content, the same for both transports. A small file with an MD5 ETag needs no
         request (its MD5 is cheap); any other file gets one HEAD with ChecksumMode=ENABLED, for a checksum the
@@ -164,7 +180,7 @@ class S3Prefix:
         if plan(facts, entry.size) == "md5" and entry.size < HEAD_FROM:
             return facts
         try:
-            head = self._head(key, checksums=True, if_match=etag)
+            head = self._head_retried(key, checksums=True, if_match=etag)
         except (OriginChanged, TransientError, Unreachable, NotFound, BadSetting):
             raise
         except Exception:  # noqa: BLE001 - an answer we cannot read: the ETag alone is the check
@@ -181,7 +197,7 @@ class S3Prefix:
         etag = etag or entry.etag
 
         def head(n: int) -> int:
-            return int(self._head(key, part_number=n, if_match=etag)["ContentLength"])
+            return int(self._head_retried(key, part_number=n, if_match=etag)["ContentLength"])
 
         with ThreadPoolExecutor(min(parts, 16), thread_name_prefix="prefetch-head") as pool:
             return tuple(pool.map(head, range(1, parts + 1)))

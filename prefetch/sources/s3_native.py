@@ -18,7 +18,7 @@ from typing import Iterator
 
 from ..config import Settings
 from ..errors import BadSetting, NotFound, OriginChanged, PrefetchError, Unreachable
-from .base import FileEntry, TransientError, safe_relpath
+from .base import FileEntry, TransientError
 from .s3 import S3Prefix, S3Source, endpoint_url
 
 # read() yields blocks of at least this size as they arrive (the last may be shorter): the engine's offset follows

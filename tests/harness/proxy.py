@@ -18,8 +18,8 @@ LinkProxy sits between a client and an HTTP server (here: the S3 server) and
 One thread per direction per connection; 1 MiB buffers and sendall keep it off the critical path
 on loopback when no limits are set.
 
-Faults (add_fault): each matches the next `count` GET requests whose target contains `match` (and whose Range
-header starts at `range_start`, when given) and shapes that one response:
+Faults (add_fault): each matches the next `count` GET requests (`method`: another method) whose target contains
+`match` (and whose Range header starts at `range_start`, when given) and shapes that one response:
   "stall"     hold the request before it reaches the server until `release()` or `seconds` (a stall longer than
               the client's read timeout, or a pause-then-continue while the test changes the object);
   "reset"     forward `after` response bytes, then reset the connection (RST) mid-body;
@@ -237,6 +237,7 @@ class Fault:
     kind: str
     match: bytes = b""
     range_start: int | None = None
+    method: bytes = b"GET"          # the requests it matches (b"HEAD": a 503 for the origin checks' HEADs)
     count: int = 1
     after: int = 0
     seconds: float = 30.0
@@ -247,7 +248,7 @@ class Fault:
     reached: threading.Event = dataclasses.field(default_factory=threading.Event)   # a request was held
 
     def matches(self, method: bytes, target: bytes, headers: dict) -> bool:
-        if method != b"GET" or self.match not in target or self.served >= self.count:
+        if method != self.method or self.match not in target or self.served >= self.count:
             return False
         if self.range_start is not None:
             rng = headers.get(b"range", b"")
