@@ -19,8 +19,9 @@ its CPU on. A stored checksum is either full-object (of the bytes in order) or, 
 A multipart ETag or COMPOSITE checksum is checked over the parts, so the part sizes must be known. They are not
 asked for (one HEAD per part) but guessed (guess_part_sizes): the uploader's part size is almost always the
 transfer's chunk size or a common default, and a wrong guess does not pass: another split of the bytes gives
-other MD5s or CRCs (a CRC matches by chance once in 2^32, the odds of any CRC check). Only when a guessed check fails does the engine learn the real sizes (one HEAD per
-part) and check again from disk: a failure with the real sizes is a corruption.
+other MD5s or CRCs (a CRC matches by chance once in 2^32, the odds of any CRC check). Only when a guessed check
+fails does the engine learn the real sizes (one HEAD per part) and check again from disk: a failure with the real
+sizes is a corruption. Parts no common size gives are asked before the first GET.
 
 The check runs over the file's bytes in order (prefetch/transfer.py feeds it while it hashes), or, when the parts
 are the transfer's chunks, over each part wherever its bytes are (add_part, part_hasher()); it needs no chunk in
@@ -162,8 +163,10 @@ class Checker:
         composite = self.check != "none" and (_MULTIPART_ETAG.match(self.want or "") or _COMPOSITE.match(self.want))
         # over parts: the multipart ETag, or a COMPOSITE checksum; else over the whole file's bytes
         self._parts = list(facts.part_sizes) if composite else None
-        self._whole = None if composite or self.check == "none" else PartHash(self.check) if self.check != "sha256" \
-            else hashlib.sha256()
+        if composite or self.check == "none":
+            self._whole = None
+        else:
+            self._whole = hashlib.sha256() if self.check == "sha256" else PartHash(self.check)
         self._part_digests: list[bytes] = []
         self._part = PartHash(self.check) if self._parts else None
         self._part_left = self._parts.pop(0) if self._parts else None
