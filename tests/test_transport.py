@@ -130,6 +130,17 @@ def test_503_bursts_and_resets_are_retried(transport, s3, use_env, cache_dir, bl
     assert_clean_error(proc, 4, "s3://models/transport", "giving up")
 
 
+def _upload_multipart(s3, key: str) -> bytes:
+    """10 MiB + 1 random bytes uploaded by boto3 in 5 MiB parts (so with its default COMPOSITE CRC32); the bytes."""
+    import boto3.s3.transfer
+
+    data = os.urandom(10 * MiB + 1)
+    s3.client(endpoint=s3.direct_endpoint).upload_fileobj(
+        io.BytesIO(data), "models", key,
+        Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    return data
+
+
 @pytest.mark.parametrize("transport", ["native", "boto3"])
 def test_endpoint_and_credentials_as_mlflow_users_set_them(transport, s3, use_env, cache_dir, blob, fresh_pool,
                                                            tmp_path):
@@ -146,12 +157,7 @@ def test_endpoint_and_credentials_as_mlflow_users_set_them(transport, s3, use_en
         w = prefetch.warm("s3://models/transport")
         through = counting.stats()
         # A multipart object: its HEAD (the stored checksum) goes the same way, signed with the profile's keys.
-        import boto3.s3.transfer
-
-        big = os.urandom(10 * MiB + 1)
-        s3.client(endpoint=s3.direct_endpoint).upload_fileobj(
-            io.BytesIO(big), "models", "creds/big.bin",
-            Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+        big = _upload_multipart(s3, "creds/big.bin")
         counting.reset()
         big_warm = prefetch.warm("s3://models/creds")
         big_through = counting.stats()
@@ -319,12 +325,7 @@ def test_stored_checksums_and_guessed_part_sizes(transport, s3, use_env, tmp_pat
 def test_the_origin_checks_heads_are_retried(transport, s3, use_env, cache_dir, fresh_pool):
     """A 503 to the HEAD that asks for a stored checksum is retried with backoff, as GETs are; when it never ends,
     the warm exits 4 in one line, nothing committed."""
-    import boto3.s3.transfer
-
-    big = os.urandom(10 * MiB + 1)
-    s3.client(endpoint=s3.direct_endpoint).upload_fileobj(
-        io.BytesIO(big), "models", "heads/big.bin",
-        Config=boto3.s3.transfer.TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB))
+    big = _upload_multipart(s3, "heads/big.bin")
     proxy = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
     try:
         env = {**s3.env(proxy.url), "PREFETCH_TRANSPORT": transport}
