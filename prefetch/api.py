@@ -21,6 +21,7 @@ from .errors import IntegrityError, NoSpace, TransientOrUnreachable
 from .integrity import OriginChanged
 from .redact import redact_obj, redact_uri
 from .store import MANIFEST, Manifest, Store, allocated_bytes, lifecycle, records
+from .store.manifest import file_matches
 from .store.staging import data_dir
 from .store.lifecycle import Lease
 from .transfer import TransferConfig, TransferManager
@@ -247,7 +248,7 @@ class VerifyReport:
     key: str
     uri: str
     files: int
-    bad: list[str]              # paths whose size or sha256 differed (or were missing)
+    bad: list[str]              # paths whose size or sha256s differed (or were missing)
     repaired: bool
 
     @property
@@ -297,9 +298,10 @@ def _repair(store: Store, settings: Settings, manifest: Manifest, bad: set[str])
                     os.link(base / f.path, data / f.path)
             source = open_source(manifest.source, settings, tracking_uri())
             fetch = [f for f in manifest.files if f.path in bad]
-            fresh = {f.path: f for f in TransferManager(source, TransferConfig.from_settings(settings)).download(fetch, staging)}
+            TransferManager(source, TransferConfig.from_settings(settings)).download(fetch, staging)
             for f in fetch:
-                if f.sha256 and fresh[f.path].sha256 != f.sha256:
+                # Against the record the object was committed with (whatever chunk size this transfer used).
+                if not file_matches(data / f.path, f):
                     raise IntegrityError(f"{f.path}: the origin now serves different bytes than when cached; "
                                          f"`prefetch rm {manifest.key}` and warm again", manifest.uri)
             store.replace(manifest.key, data, manifest)

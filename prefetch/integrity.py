@@ -189,6 +189,15 @@ class Checker:
     def add_part(self, index: int, digest: bytes) -> None:
         self._apart[index] = digest
 
+    @property
+    def in_order(self) -> bool:
+        """Whether this check needs the file's bytes fed in order through update()."""
+        return self.check != "none" and self._apart is None
+
+    def sha256_hex(self) -> str | None:
+        """The whole file's sha256, when this check computed it (a full-object sha256 the origin stored)."""
+        return self._whole.hexdigest() if self.check == "sha256" else None
+
     def update(self, data) -> None:
         if self.check == "none" or self._apart is not None:
             return

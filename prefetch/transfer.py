@@ -6,15 +6,16 @@ every knob, a manager that runs the work on a pool of workers, progress sent to 
   one pool of `max_concurrency` workers (concurrency across files is what wins on a far link with many files).
 - Bounded memory: a worker writes each block to its offset (pwrite) as it arrives, from the buffer the source
   returned (a memoryview of it, never a copy), and hashes it into its chunk's sha256; nothing waits in memory for
-  an earlier range. The whole-file sha256 and the origin's MD5/checksum (prefetch/integrity.py) need the bytes in
-  file order, in one pass: the worker whose span starts where a file's in-order hashing stands (a small file's one
-  stream, a big file's first chunk) feeds them from the blocks it holds; the chunks other workers wrote are read
-  back from the page cache, one 4 MiB block at a time (into one reused buffer), into both hashers at once. When
-  the check is over parts (a multipart ETag, a COMPOSITE checksum) and the parts are the chunks, each part's MD5
-  or CRC is taken by the worker beside the chunk's sha256 (in parallel, in any order), so the in-order pass is
-  one sha256. A one-chunk file's sha256 is its chunk's (not hashed twice), and with no
-  origin check it is never read back. So at any moment this process holds
-  at most `max_concurrency` read blocks (<= 1 MiB each) plus one hashing block: below `(max_concurrency + 2) x
+  an earlier range. The chunk sha256s are the file's record (the manifest's, what peers and resumes check): a
+  file of several chunks gets no second, whole-file sha256 pass, which would cost as much CPU as the first.
+- The origin's check (prefetch/integrity.py) is over parts or over the whole file. Over parts (a multipart ETag,
+  a COMPOSITE checksum) whose parts are the chunks, each part's MD5 or CRC is taken by the worker beside the
+  chunk's sha256 (in parallel, in any order), and nothing is read back. Over the whole file (a single-part MD5
+  ETag, a FULL_OBJECT checksum, parts that are not the chunks) the bytes go through it in file order, in one
+  pass: the worker whose span starts where a file's in-order pass stands (a small file's one stream, a big file's
+  first chunk) feeds it from the blocks it holds; the chunks other workers wrote are read back from the page
+  cache, one 4 MiB block at a time, into one reused buffer. So at any moment this process holds at most
+  `max_concurrency` read blocks (<= 1 MiB each) plus one hashing block: below `(max_concurrency + 2) x
   chunk_bytes` whatever the completion order or the model size (s3transfer bounds the same thing with its
   SlidingWindowSemaphore).
 - The origin's facts about each file (what its bytes are checked against: an ETag, a stored checksum) are asked
@@ -57,6 +58,7 @@ from .store.staging import data_dir, refuse_impossible_names
 # (False: found on disk from an earlier, interrupted run).
 ProgressCallback = Callable[[int, bool], None]
 HASH_BLOCK = 4 << 20
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 FLUSH_EVERY = 0.5     # seconds between group commits of the journal
 
 
@@ -105,10 +107,8 @@ class _File:
         self.generation += 1
         self.done = dict(done)            # chunk index -> sha256, written (the journal makes it durable)
         self.resumed = set(done)          # done by an earlier run: re-hashed from disk and compared
-        self.hashed = 0                   # chunks before this index are in the whole-file hashers
-        self.hashing = False              # one thread at a time feeds the whole-file hashers
-        # A one-chunk file's sha256 is its chunk's: no second sha256 of the same bytes.
-        self.sha256 = hashlib.sha256() if self.n > 1 or not self.n else None
+        self.hashed = 0                   # chunks before this index have been through the in-order check
+        self.hashing = False              # one thread at a time feeds the in-order check
         self.checker = Checker(self.facts, self.entry.size)
         # A check over parts (a multipart ETag, a COMPOSITE checksum) whose parts are exactly this file's chunks
         # (8 MiB parts, 8 MiB chunks: the common case): each part's MD5 or CRC is taken by the worker that has its
@@ -118,18 +118,26 @@ class _File:
             size == self.bounds(i)[1] - self.bounds(i)[0] for i, size in enumerate(sizes))
         if self.parts_apart:
             self.checker.take_parts_apart()
-        self.result: str | None = None
+        self.finished = False             # every chunk in, and the origin check passed
+        self.sha256: str | None = None    # the whole file's, where it comes free (see file_sha256)
 
     def whole_file(self, data) -> None:
-        """Feed the next bytes in file order to the whole-file hashers."""
-        if self.sha256 is not None:
-            self.sha256.update(data)
+        """Feed the next bytes in file order to the in-order check."""
         self.checker.update(data)
 
     @property
     def needs_bytes(self) -> bool:
-        """Whether the in-order pass needs the bytes at all (not for a one-chunk file with no origin check)."""
-        return self.sha256 is not None or self.checker.check != "none"
+        """Whether the in-order pass needs the bytes at all: only for an origin check over the whole file's bytes
+        (not over parts the workers hashed, not for a file with no check)."""
+        return self.checker.in_order
+
+    def file_sha256(self) -> str | None:
+        """The whole file's sha256 where no extra pass is needed: a one-chunk file's is its chunk's, an origin
+        sha256 check computed it. A file of several chunks is otherwise identified by its chunks' sha256s alone:
+        a second sha256 over the same bytes would cost as much CPU as the first (DESIGN.md, store contract)."""
+        if self.n == 0:
+            return EMPTY_SHA256
+        return self.checker.sha256_hex() or (self.done[0] if self.n == 1 else None)
 
     def bounds(self, index: int) -> tuple[int, int]:
         start = index * self.chunk_bytes
@@ -170,26 +178,25 @@ class TransferManager:
         states = []
         for entry in sorted(files, key=lambda f: -f.size):   # big files first; small ones fill the gaps
             state = _File(entry, data / entry.path, c.chunk_bytes, facts[entry.path])
-            state.path.parent.mkdir(parents=True, exist_ok=True)
-            done = {i: s for i, s in journal.done(entry.path).items() if i < state.n}
-            with open(state.path, "ab", opener=_no_follow) as f:     # create, keep what the journal vouches for
-                if f.tell() != entry.size:
-                    f.truncate(entry.size)
-            state.reset(done)
+            state.reset({i: s for i, s in journal.done(entry.path).items() if i < state.n})
             states.append(state)
-        run = _Run(self, journal)
         try:
-            for state in states:
-                for i in state.done:
-                    self._report(state.bounds(i)[1] - state.bounds(i)[0], fetched=False)
-                run.enqueue_file(state)
-            run.wait(states)
+            _Run(self, journal).run(states, self._put_in_place)
         finally:
             journal.close()
-        return [dataclasses.replace(s.entry, sha256=s.result, origin_check=s.checker.check,
+        return [dataclasses.replace(s.entry, sha256=s.sha256, origin_check=s.checker.check,
                                     version_id=s.facts.version_id,
                                     chunks={"size": c.chunk_bytes, "sha256": [s.done[i] for i in range(s.n)]})
                 for s in states]
+
+    def _put_in_place(self, state: _File) -> None:
+        """Create the file at its full size, keeping what the journal vouches for, and count its durable chunks."""
+        state.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(state.path, "ab", opener=_no_follow) as f:
+            if f.tell() != state.entry.size:
+                f.truncate(state.entry.size)
+        for i in state.done:
+            self._report(state.bounds(i)[1] - state.bounds(i)[0], fetched=False)
 
     def _all_facts(self, files: Sequence[FileEntry]) -> dict[str, OriginFacts]:
         """The origin's facts for every file, asked all together (a file may need one HEAD: in parallel, not one by
@@ -249,22 +256,29 @@ class _Run:
         while not self.cancelled.wait(FLUSH_EVERY):
             self.journal.flush()
 
-    def _start_workers(self) -> None:
+    def _start_workers(self, spans: int) -> None:
         t = threading.Thread(target=self._flusher, name="prefetch-journal", daemon=True)
         self.threads.append(t)
         t.start()
-        for _ in range(max(1, min(self.config.max_concurrency, self.queue.qsize()))):
+        for _ in range(max(1, min(self.config.max_concurrency, spans))):
             t = threading.Thread(target=self._worker, name="prefetch-get", daemon=True)
             self.threads.append(t)
             t.start()
 
-    def wait(self, states: list[_File]) -> None:
-        """Until every file is hashed and checked, or the first error. Never blocks ^C for long: the wait
+    def run(self, states: list[_File], put_in_place: Callable[[_File], None]) -> None:
+        """Start the workers, then put each file in place and queue its spans (the workers are on the first, big
+        files while the small ones are still being created: hundreds of creates are not a serial prelude), then
+        wait until every file is hashed and checked, or the first error. Never blocks ^C for long: the wait
         wakes every 0.2 s, and on the way out queued spans are dropped and workers stop at their next block."""
-        self._start_workers()
+        self._start_workers(sum(len(self.m.tasks_for(s)) for s in states))
         try:
+            for state in states:
+                if self.cancelled.is_set():
+                    break             # a worker failed: its error is raised below
+                put_in_place(state)
+                self.enqueue_file(state)
             with self.changed:
-                while self.error is None and any(s.result is None for s in states):
+                while self.error is None and not all(s.finished for s in states):
                     self.changed.wait(0.2)
             if self.error is not None:
                 raise self.error
@@ -316,10 +330,10 @@ class _Run:
         if lo >= hi:
             return
         # A span that starts where the file's in-order hashing stands (a small file's one stream, a big file's
-        # first chunk) feeds the whole-file hashers from the blocks it holds: those bytes are never read back.
+        # first chunk) feeds the in-order check from the blocks it holds: those bytes are never read back.
         with state.lock:
             generation = state.generation
-            feeding = not state.hashing and state.hashed == lo
+            feeding = state.needs_bytes and not state.hashing and state.hashed == lo
             if feeding:
                 state.hashing = True
         fd = os.open(state.path, os.O_WRONLY | os.O_NOFOLLOW)
@@ -416,7 +430,7 @@ class _Run:
 
     # -- in-order hashing ------------------------------------------------------------------------------
     def _chunk_done(self, state: _File, index: int, sha: str, generation: int) -> bool:
-        """A chunk written by a worker that does not feed the in-order hashers; False (and not recorded) when the
+        """A chunk written by a worker that does not feed the in-order check; False (and not recorded) when the
         file was started over since the worker's span began."""
         with state.lock:
             if state.generation != generation:
@@ -427,7 +441,7 @@ class _Run:
         return True
 
     def _chunk_hashed(self, state: _File, index: int, sha: str) -> None:
-        """A chunk written by the worker that fed it to the whole-file hashers: done, and already hashed."""
+        """A chunk written by the worker that fed it to the in-order check: done, and already checked."""
         with state.lock:
             state.done[index] = sha
             state.hashed = index + 1
@@ -460,16 +474,16 @@ class _Run:
                 state.hashing = False
         # A chunk that landed while we were finishing would have found `hashing` set and left it to us.
         with state.lock:
-            more = state.result is None and state.hashed in state.done
+            more = not state.finished and state.hashed in state.done
         if more:
             self._advance(state)
 
     def _hash_chunk(self, state: _File, index: int) -> bool:
-        """Read one written chunk back (from the page cache) into the whole-file hashers; a chunk of an earlier
+        """Read one written chunk back (from the page cache) into the in-order check; a chunk of an earlier
         run is also hashed on its own and compared with its journal record."""
         again = hashlib.sha256() if index in state.resumed else None
         if again is None and not state.needs_bytes:
-            return True               # a one-chunk file with no origin check: its chunk sha256 is the file's
+            return True               # nothing to check in order: the chunk's sha256 was taken as it arrived
         # (the journal has no part digests: a resumed chunk that is a part is hashed for it here)
         part = state.checker.part_hasher() if again is not None and state.parts_apart else None
         start, end = state.bounds(index)
@@ -491,7 +505,8 @@ class _Run:
             bad = self._check_real_parts(state, bad)
         if bad is None:
             with self.changed:
-                state.result = state.sha256.hexdigest() if state.sha256 is not None else state.done[0]
+                state.sha256 = state.file_sha256()
+                state.finished = True
                 self.changed.notify_all()
             return
         self._restart(state, bad)

@@ -412,6 +412,37 @@ def test_a_byte_flipped_in_transit_is_never_committed(s3, proxy, cache_dir, tmp_
     assert not list((cache_dir / "staging").iterdir())
 
 
+def test_a_byte_flipped_on_disk_in_a_big_file_is_found_by_its_chunk_and_repaired(s3, cache_dir, tmp_path):
+    """A file of several chunks is recorded by its chunks' sha256s (no whole-file sha256: that second pass over the
+    bytes is what the store contract no longer pays for). `verify` re-hashes the chunks: one byte flipped in place,
+    the size unchanged, is found, named, and repaired from the origin."""
+    blob = upload(s3, tmp_path, "ondisk/w.bin", 20 * MiB + 3, seed=90)
+    small = upload(s3, tmp_path, "ondisk/conf.json", 1000, seed=91)
+    env = {**s3.env(), "PREFETCH_CHUNK_BYTES": str(8 * MiB)}
+    result = cli_json("warm", "s3://models/ondisk", env=env)["results"][0]
+    files, data = _manifest_files(result), blob.read_bytes()
+    assert "sha256" not in files["w.bin"]
+    assert files["w.bin"]["chunks"] == {"size": 8 * MiB, "sha256": [
+        hashlib.sha256(data[i:i + 8 * MiB]).hexdigest() for i in range(0, len(data), 8 * MiB)]}
+    assert files["conf.json"]["sha256"] == hashlib.sha256(small.read_bytes()).hexdigest()   # one chunk: free
+
+    victim = Path(result["path"]) / "w.bin"
+    os.chmod(victim, 0o644)
+    with open(victim, "r+b") as f:          # one bit of the second chunk, in place
+        f.seek(12 * MiB + 5)
+        byte = f.read(1)
+        f.seek(12 * MiB + 5)
+        f.write(bytes([byte[0] ^ 1]))
+    assert victim.stat().st_size == len(data)
+    proc = run_cli("verify", result["key"], "--no-repair", "--json", env=env)
+    assert proc.returncode == 5, proc.stderr
+    assert json.loads(proc.stdout)["objects"][0]["bad"] == ["w.bin"]
+    fixed = cli_json("verify", result["key"], env=env)
+    assert fixed["ok"] and fixed["objects"][0]["repaired"]
+    assert victim.read_bytes() == data
+    assert run_cli("verify", result["key"], "--no-repair", env=env).returncode == 0
+
+
 def _upload_full_object_checksum(client, key: str, data: bytes, algorithm: str) -> None:
     """A multipart upload (5 MiB parts) whose stored checksum covers the whole object (ChecksumType=FULL_OBJECT).
     Each part carries its own checksum; the full-object value is left for the server to combine, so what the

@@ -170,8 +170,16 @@ def test_endpoint_and_credentials_as_mlflow_users_set_them(transport, s3, use_en
     assert [f.origin_check for f in Store(cache_dir).lookup(big_warm.key).files] == ["crc32"]
 
 
-def _manifest_hashes(cache, key: str) -> dict[str, tuple[int, str]]:
-    return {f.path: (f.size, f.sha256) for f in Store(cache).lookup(key).files}
+def _manifest_hashes(cache, key: str) -> dict[str, tuple]:
+    """{path: (size, whole-file sha256 or None, per-chunk sha256s)} as the manifest records them."""
+    return {f.path: (f.size, f.sha256, tuple(f.chunks["sha256"])) for f in Store(cache).lookup(key).files}
+
+
+def _expected_hashes(data: bytes, chunk: int = 8 * MiB) -> tuple:
+    """What a manifest must record for these bytes, computed here with hashlib: the whole file's sha256 only for a
+    file of one chunk (a bigger one is recorded by its chunks alone), and each chunk's."""
+    chunks = tuple(hashlib.sha256(data[i:i + chunk]).hexdigest() for i in range(0, len(data), chunk))
+    return len(data), hashlib.sha256(data).hexdigest() if len(chunks) <= 1 else None, chunks
 
 
 def _manifest_checks(cache, key: str) -> dict[str, tuple]:
@@ -209,8 +217,8 @@ def test_warm_native_gives_the_same_manifest_as_boto3(mlflow_direct, use_env, tm
     for name, size in large:
         path = tmp_path / "expected.bin"
         harness.write_random_file(path, size, seed=large.index((name, size)))
-        want = hashlib.sha256(path.read_bytes()).hexdigest()
-        assert [v for k, v in out["native"].items() if k.endswith(name)] == [(size, want)]
+        want = _expected_hashes(path.read_bytes())
+        assert len(want[2]) > 1 and [v for k, v in out["native"].items() if k.endswith(name)] == [want]
 
 
 def test_proxied_mlflow_artifacts_are_sent_once(mlflow_proxied, use_env, tmp_path, monkeypatch):
@@ -239,8 +247,8 @@ def test_proxied_mlflow_artifacts_are_sent_once(mlflow_proxied, use_env, tmp_pat
     assert out["probed-native"] == out["probed-boto3"] == out["ranged"] and len(out["ranged"]) >= 21
     expected = tmp_path / "expected.bin"
     harness.write_random_file(expected, 20 * MiB + 1, seed=0)
-    want = hashlib.sha256(expected.read_bytes()).hexdigest()
-    assert [v for k, v in out["ranged"].items() if k.endswith("weights.bin")] == [(20 * MiB + 1, want)]
+    want = _expected_hashes(expected.read_bytes())
+    assert [v for k, v in out["ranged"].items() if k.endswith("weights.bin")] == [want]
     total = rec["total_bytes"]
     assert sent["probed-native"] < 1.2 * total, (sent, total)
     assert sent["ranged"] > 1.8 * total, (sent, total)

@@ -12,8 +12,8 @@ get it:
 - from the origin: the wrapped Source, exactly as without peers (If-Match, retries, deadlines);
 - later: another node is fetching that chunk from the origin now.
 
-Whatever the route, the engine then checks each whole file against the origin's own checksum (MD5 ETag,
-x-amz-checksum-*) and its sha256 before the commit: a node never commits bytes it has not verified.
+Whatever the route, the engine then hashes each chunk again and checks each whole file against the origin's own
+checksum (MD5 ETag, x-amz-checksum-*) before the commit: a node never commits bytes it has not verified.
 
 Limits: the control plane (join, route, have) is Ray actor calls, token-authenticated where the cluster enables
 tokens; the data plane is HTTP between node IPs, each chunk server requiring its own random secret, which only the

@@ -1,4 +1,4 @@
-"""The manifest of a committed object (objects/<key>/.prefetch.json) and the file hash it records."""
+"""The manifest of a committed object (objects/<key>/.prefetch.json) and the file hashes it records."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +17,30 @@ def sha256_file(path: Path) -> str:
         while block := f.read(HASH_BLOCK):
             h.update(block)
     return h.hexdigest()
+
+
+def chunk_sha256s(path: Path, chunk_bytes: int) -> list[str]:
+    """The sha256 of each `chunk_bytes` chunk of a file, in order (the grid a transfer recorded)."""
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            h, left = hashlib.sha256(), chunk_bytes
+            while left and (block := f.read(min(HASH_BLOCK, left))):
+                h.update(block)
+                left -= len(block)
+            if left == chunk_bytes:
+                return out
+            out.append(h.hexdigest())
+
+
+def file_matches(path: Path, entry: FileEntry) -> bool:
+    """Whether the file at path holds the bytes its manifest entry records: its size, then its chunks' sha256s
+    (what a transfer records for every file), or the whole file's sha256 (an entry without chunks)."""
+    if not path.is_file() or path.is_symlink() or path.stat().st_size != entry.size:
+        return False
+    if entry.chunks and entry.size:
+        return chunk_sha256s(path, entry.chunks["size"]) == entry.chunks["sha256"]
+    return not entry.sha256 or sha256_file(path) == entry.sha256
 
 
 @dataclasses.dataclass
