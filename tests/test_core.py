@@ -371,6 +371,30 @@ def test_cli_resolve_ls_verify_rm(seed_embedded, use_env, cache_dir):
     assert_clean_error(run_cli("rm", "no-such-key"), 3, "no-such-key")
 
 
+def test_verify_does_not_repair_from_an_origin_that_changed_since(tmp_path, cache_dir):
+    """A damaged file is fetched again for repair, and the fresh bytes are checked against the record the object was
+    committed with (its chunks' sha256s: a file of several chunks has no whole-file sha256). A local origin has no
+    ETag to stop the read; the record is what refuses bytes the origin changed since: exit 5, one line, the damaged
+    copy left as it was (not replaced by other bytes under the same key)."""
+    src = tmp_path / "model"
+    src.mkdir()
+    size = 9 << 20                                   # 3 chunks of 4 MiB
+    (src / "w.bin").write_bytes(os.urandom(size))
+    env = {"PREFETCH_CHUNK_BYTES": str(4 << 20)}
+    w = cli_json("warm", str(src), env=env)["results"][0]
+    victim = Path(w["path"]) / "w.bin"
+    os.chmod(victim, 0o644)
+    with open(victim, "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"\0" * 16)
+    damaged = victim.read_bytes()
+    (src / "w.bin").write_bytes(os.urandom(size))   # the origin now holds other bytes of the same size
+    proc = run_cli("verify", w["key"], env=env)
+    assert_clean_error(proc, 5, "w.bin", "origin now serves different bytes")
+    assert victim.read_bytes() == damaged
+    assert not list((cache_dir / "staging").iterdir())
+
+
 # -- retries ----------------------------------------------------------------------------------------------------
 def test_retries_503_and_resets_mid_stream(s3, use_env, cache_dir, tmp_path):
     """A flaky link in front of the real S3 server: GETs answered 503, connections reset mid-response."""
