@@ -1,7 +1,8 @@
 """Origin-anchored integrity: what the origin says a file's content is, and the check of the bytes against it.
 
-The sha256 in a manifest is computed here, from the bytes we received; by itself it only proves the bytes did not
-change on our disk. What ties them to the origin is one of these, the first the facts allow (plan()):
+The sha256s in a manifest (each chunk's) are computed by the transfer, from the bytes we received; by themselves they
+only prove the bytes did not change on our disk. What ties them to the origin is one of these, the first the facts
+allow (plan()):
   "sha256"   a full-object `x-amz-checksum-sha256` the origin stored at upload;
   "crc32c"   an `x-amz-checksum-crc32c` stored at upload, computed here by google-crc32c's C code (a core
              dependency; awscrt when only that is there; neither: the check is not made);

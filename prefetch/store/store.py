@@ -239,7 +239,7 @@ class Store:
         shutil.rmtree(staging, ignore_errors=True)
 
     def commit(self, staging: Path, manifest: Manifest) -> Path:
-        """Verify sizes (and sha256 when the manifest has them), fsync, write the manifest, rename into objects/.
+        """Check sizes (the transfer verified the bytes), fsync, write the manifest, rename into objects/.
 
         Call with the key's lock held. The staging dir is gone afterwards whatever happens."""
         from .trust import check_not_symlink, symlinks_below
