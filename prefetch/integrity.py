@@ -109,13 +109,16 @@ _CRC32C = _crc32c_function()
 _CRC = {"crc32": zlib.crc32, "crc32c": _CRC32C}
 
 
+def _parts_known(facts: OriginFacts, parts: int, size: int) -> bool:
+    """Whether the facts hold (or guess) the sizes of `parts` parts making up `size` bytes."""
+    sizes = facts.part_sizes
+    return bool(sizes) and len(sizes) == parts and sum(sizes) == size
+
+
 def _checkable(facts: OriginFacts, value: str, size: int) -> bool:
     """A stored checksum we can check: a full-object one, or a COMPOSITE one whose parts we know (or guess)."""
     composite = _COMPOSITE.match(value)
-    if not composite:
-        return True
-    sizes = facts.part_sizes
-    return bool(sizes) and len(sizes) == int(composite.group(2)) and sum(sizes) == size
+    return not composite or _parts_known(facts, int(composite.group(2)), size)
 
 
 def plan(facts: OriginFacts, size: int) -> str:
@@ -131,7 +134,7 @@ def plan(facts: OriginFacts, size: int) -> str:
     if _MD5_ETAG.match(etag):
         return "md5"
     parts = _MULTIPART_ETAG.match(etag)
-    if parts and facts.part_sizes and len(facts.part_sizes) == int(parts.group(2)) and sum(facts.part_sizes) == size:
+    if parts and _parts_known(facts, int(parts.group(2)), size):
         return "md5"
     return "none"
 

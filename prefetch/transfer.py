@@ -119,7 +119,6 @@ class _File:
         if self.parts_apart:
             self.checker.take_parts_apart()
         self.finished = False             # every chunk in, and the origin check passed
-        self.sha256: str | None = None    # the whole file's, where it comes free (see file_sha256)
 
     def whole_file(self, data) -> None:
         """Feed the next bytes in file order to the in-order check."""
@@ -184,7 +183,7 @@ class TransferManager:
             _Run(self, journal).run(states, self._put_in_place)
         finally:
             journal.close()
-        return [dataclasses.replace(s.entry, sha256=s.sha256, origin_check=s.checker.check,
+        return [dataclasses.replace(s.entry, sha256=s.file_sha256(), origin_check=s.checker.check,
                                     version_id=s.facts.version_id,
                                     chunks={"size": c.chunk_bytes, "sha256": [s.done[i] for i in range(s.n)]})
                 for s in states]
@@ -505,7 +504,6 @@ class _Run:
             bad = self._check_real_parts(state, bad)
         if bad is None:
             with self.changed:
-                state.sha256 = state.file_sha256()
                 state.finished = True
                 self.changed.notify_all()
             return

@@ -1,6 +1,7 @@
 """Small helpers shared by test modules (no fixtures here)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -39,6 +40,12 @@ def assert_clean_error(proc: subprocess.CompletedProcess, code: int, *needles: s
     assert len(lines) == 1, f"expected one error line, got:\n{err}"
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+def sha256_per_chunk(data: bytes, chunk: int) -> list[str]:
+    """Each `chunk`-byte chunk's sha256 of these bytes, computed here with hashlib (what a manifest must record),
+    not by the code under test."""
+    return [hashlib.sha256(data[i:i + chunk]).hexdigest() for i in range(0, len(data), chunk)]
 
 
 def objects_in(cache: Path) -> list[str]:

@@ -1,7 +1,6 @@
 """Issue A: `prefetch warm` resolves every URI form, in every registry set-up, and caches once, atomically."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import pytest
 import prefetch
 from prefetch.store import Store, sha256_file
 from tests import harness
-from tests.helpers import PREFETCH, REPO, assert_clean_error, cli_json, objects_in, run_cli
+from tests.helpers import PREFETCH, REPO, assert_clean_error, sha256_per_chunk, cli_json, objects_in, run_cli
 
 NAME = harness.SEED_MODEL_NAME
 
@@ -313,8 +312,7 @@ def test_sigkill_mid_download_then_resume(ranged, s3, use_env, cache_dir, tmp_pa
     assert sha256_file(cached) == sha256_file(blob)
     manifest = json.loads((Path(result["path"]) / ".prefetch.json").read_text())
     data = blob.read_bytes()       # the record of a file of several chunks: each chunk's sha256 (4 MiB grid here)
-    assert manifest["files"][0]["chunks"] == {
-        "size": 4 << 20, "sha256": [hashlib.sha256(data[i:i + (4 << 20)]).hexdigest() for i in range(0, size, 4 << 20)]}
+    assert manifest["files"][0]["chunks"] == {"size": 4 << 20, "sha256": sha256_per_chunk(data, 4 << 20)}
     assert not list((cache_dir / "staging").iterdir())
 
 

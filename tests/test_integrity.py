@@ -20,7 +20,8 @@ import pytest
 import prefetch
 from prefetch.store import sha256_file
 from tests import harness
-from tests.helpers import PREFETCH, REPO, Background, assert_clean_error, cli_json, objects_in, run_cli
+from tests.helpers import (PREFETCH, REPO, Background, assert_clean_error, sha256_per_chunk, cli_json, objects_in,
+                           run_cli)
 
 MiB = 1 << 20
 # The last commit before this transfer: its behaviour is what the memory test compares against.
@@ -422,8 +423,7 @@ def test_a_byte_flipped_on_disk_in_a_big_file_is_found_by_its_chunk_and_repaired
     result = cli_json("warm", "s3://models/ondisk", env=env)["results"][0]
     files, data = _manifest_files(result), blob.read_bytes()
     assert "sha256" not in files["w.bin"]
-    assert files["w.bin"]["chunks"] == {"size": 8 * MiB, "sha256": [
-        hashlib.sha256(data[i:i + 8 * MiB]).hexdigest() for i in range(0, len(data), 8 * MiB)]}
+    assert files["w.bin"]["chunks"] == {"size": 8 * MiB, "sha256": sha256_per_chunk(data, 8 * MiB)}
     assert files["conf.json"]["sha256"] == hashlib.sha256(small.read_bytes()).hexdigest()   # one chunk: free
 
     victim = Path(result["path"]) / "w.bin"

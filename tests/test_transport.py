@@ -24,7 +24,7 @@ from prefetch.sources.s3 import S3Source
 from prefetch.sources.s3_native import NativeS3Source
 from prefetch.store import Store
 from tests import harness
-from tests.helpers import assert_clean_error, run_cli
+from tests.helpers import assert_clean_error, sha256_per_chunk, run_cli
 
 MiB = 1 << 20
 
@@ -178,7 +178,7 @@ def _manifest_hashes(cache, key: str) -> dict[str, tuple]:
 def _expected_hashes(data: bytes, chunk: int = 8 * MiB) -> tuple:
     """What a manifest must record for these bytes, computed here with hashlib: the whole file's sha256 only for a
     file of one chunk (a bigger one is recorded by its chunks alone), and each chunk's."""
-    chunks = tuple(hashlib.sha256(data[i:i + chunk]).hexdigest() for i in range(0, len(data), chunk))
+    chunks = tuple(sha256_per_chunk(data, chunk))
     return len(data), hashlib.sha256(data).hexdigest() if len(chunks) <= 1 else None, chunks
 
 

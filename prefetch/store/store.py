@@ -66,14 +66,10 @@ def fsync_tree(root: Path) -> None:
     for dirpath, _dirs, names in os.walk(root):
         dirs.append(Path(dirpath))
         files += [os.path.join(dirpath, name) for name in names]
-    if len(files) > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(FSYNC_THREADS, len(files)), thread_name_prefix="prefetch-fsync") as pool:
-            list(pool.map(_fsync_file, files))      # the first error is raised here
-    else:
-        for path in files:
-            _fsync_file(path)
+    with ThreadPoolExecutor(max(1, min(FSYNC_THREADS, len(files))), thread_name_prefix="prefetch-fsync") as pool:
+        list(pool.map(_fsync_file, files))          # the first error is raised here
     for path in dirs:
         fsync_dir(path)
 
