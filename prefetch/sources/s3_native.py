@@ -3,9 +3,10 @@ outside the interpreter (HTTP, TLS, signing and the socket reads run in Rust wit
 GET comes back as one buffer the engine can pwrite and hash without copying it again.
 
 Same protocol as sources/s3.py (list / read / identity / supports_ranges / origin_facts, shared through S3Prefix),
-plus `read_range`: one request, the client's own buffer. Endpoint, credentials and TLS are taken the way MLflow users set them (s3.py's
-`endpoint_url()`; boto3's credential chain, so profiles, SSO and instance roles work; MLFLOW_S3_IGNORE_TLS), and
-errors are translated to the same errors and exit codes as s3.py's `translate()`.
+plus `read_range`: one request, the client's own buffer. Endpoint, credentials and TLS are taken the way MLflow users
+set them (s3.py's `endpoint_url()`; boto3's credential chain, so profiles, SSO and instance roles work; a private
+CA through AWS_CA_BUNDLE or the profile's ca_bundle; MLFLOW_S3_IGNORE_TLS), and errors are translated to the same
+errors and exit codes as s3.py's `translate()`.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import os
 import re
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from ..config import Settings
 from ..errors import BadSetting, NotFound, OriginChanged, PrefetchError, Unreachable
 from .base import FileEntry, TransientError
-from .s3 import S3Prefix, S3Source, endpoint_url
+from .s3 import (S3Prefix, S3Source, ca_bundle, endpoint_url, ignore_tls, unreachable_endpoint,
+                 untrusted_certificate)
 
 # read() yields blocks of at least this size as they arrive (the last may be shorter): the engine's offset follows
 # the socket, so a reset mid-range is resumed from the byte reached, and memory stays a few blocks per request.
@@ -54,8 +56,17 @@ class _Boto3Credentials:
 _Frozen = collections.namedtuple("_Frozen", "access_key secret_key token")   # botocore's shape, for env keys
 
 
-def _resolve_credentials(uri: str):
-    """(static frozen credentials or None, refreshable boto3 credentials or None, region).
+class Access(NamedTuple):
+    """How to reach and sign for S3, as boto3 would: static frozen credentials or a refreshable boto3 credential
+    (one of the two), the region, and the CA bundle to trust for TLS (a PEM file's path) if one is set."""
+    frozen: object
+    refreshable: object
+    region: str
+    ca_bundle: str | None
+
+
+def _resolve_credentials(uri: str) -> Access:
+    """The credentials, region and CA bundle boto3 would use (see Access).
 
     Keys in the environment are what boto3's chain would pick first (before any profile or role), so they are
     used as they are, without importing boto3 (0.15 CPU-s and a second of wall time per process on a loaded
@@ -64,14 +75,17 @@ def _resolve_credentials(uri: str):
     if env_key and env_secret and not os.environ.get("AWS_PROFILE"):   # (a named profile must exist: boto3 says)
         frozen = _Frozen(env_key, env_secret, os.environ.get("AWS_SESSION_TOKEN") or None)
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-        return frozen, None, region
+        return Access(frozen, None, region, ca_bundle(os.environ.get("AWS_CA_BUNDLE") or None))
     import boto3
+    import botocore.session
     from botocore.credentials import RefreshableCredentials
     from botocore.exceptions import BotoCoreError, ProfileNotFound
 
     try:
-        session = boto3.session.Session()
+        core = botocore.session.Session()
+        session = boto3.session.Session(botocore_session=core)
         credentials = session.get_credentials()
+        bundle = ca_bundle(core.get_config_variable("ca_bundle"))   # AWS_CA_BUNDLE, else the profile's
     except ProfileNotFound:
         raise BadSetting(f"AWS_PROFILE={os.environ.get('AWS_PROFILE')!r}: no such profile in the AWS "
                          "config files (~/.aws/config, ~/.aws/credentials)") from None
@@ -80,18 +94,18 @@ def _resolve_credentials(uri: str):
     if credentials is None:
         raise Unreachable("no S3 credentials found; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", uri)
     if isinstance(credentials, RefreshableCredentials):
-        return None, credentials, _region(session)
-    return credentials.get_frozen_credentials(), None, _region(session)
+        return Access(None, credentials, _region(session), bundle)
+    return Access(credentials.get_frozen_credentials(), None, _region(session), bundle)
 
 
-def s3_store(bucket: str, settings: Settings, credentials: tuple):
-    """One obstore S3Store per (bucket, endpoint, credentials) per process: it holds the connection pool.
-    `credentials` is what _resolve_credentials() found."""
+def s3_store(bucket: str, settings: Settings, access: Access):
+    """One obstore S3Store per (bucket, endpoint, credentials, TLS trust) per process: it holds the connection
+    pool. `access` is what _resolve_credentials() found."""
     from obstore.store import S3Store
 
     endpoint = endpoint_url()
-    frozen, refreshable, region = credentials
-    cache_key = (bucket, endpoint, region, os.environ.get("MLFLOW_S3_IGNORE_TLS", ""),
+    frozen, refreshable, region, bundle = access
+    cache_key = (bucket, endpoint, region, os.environ.get("MLFLOW_S3_IGNORE_TLS", ""), bundle,
                  settings.connect_timeout, settings.read_timeout,
                  # a refreshable credential is one per profile (boto3 refreshes it in place)
                  ("chain", os.environ.get("AWS_PROFILE")) if refreshable else tuple(frozen))
@@ -116,8 +130,12 @@ def s3_store(bucket: str, settings: Settings, credentials: tuple):
             "timeout": timedelta(hours=6),
             "allow_http": bool(endpoint and endpoint.startswith("http://")),
         }
-        if os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() == "true":
+        if ignore_tls():
             client_options["allow_invalid_certificates"] = True
+        elif bundle:
+            # (added to the system's roots; boto3 trusts the bundle alone: a private endpoint verifies either way)
+            with open(bundle, encoding="ascii", errors="replace") as f:
+                client_options["root_certificate"] = f.read()
         store = S3Store(
             bucket, config=config, client_options=client_options,
             # One quick retry inside the client (as s3.py's botocore config); the engine retries on top, per range,
@@ -136,6 +154,8 @@ _CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken"}
 _MISSING = {"NoSuchBucket", "NoSuchKey", "NotFound"}
 _BUSY = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
+# rustls' words for a certificate it does not trust (UnknownIssuer, NotValidForName, Expired, ...)
+_CERTIFICATE = re.compile(r"invalid peer certificate|certificate verify failed|UnknownIssuer", re.IGNORECASE)
 
 
 def translate(error: Exception, uri: str, what: str, reading: bool = False) -> Exception:
@@ -165,8 +185,10 @@ def translate(error: Exception, uri: str, what: str, reading: bool = False) -> E
         return TransientError(f"S3 answered {code or status} ({what})", uri)
     if status:
         return Unreachable(f"S3 error {code or status} ({what})", uri)
+    if _CERTIFICATE.search(text):   # not retried: the next connection would be refused the same way
+        return untrusted_certificate(uri)
     if "kind: Connect" in text and not reading:
-        return Unreachable(f"cannot reach S3 at {endpoint_url() or 'AWS'} ({what})", uri)
+        return unreachable_endpoint(uri, what)
     if isinstance(error, (GenericError, ConnectionError, TimeoutError)):
         # A reset, a timeout or a body cut short mid-stream: the engine retries from the byte it reached.
         return TransientError(f"S3 connection failed ({what}: {_first_line(text)})", uri)
@@ -188,8 +210,8 @@ class NativeS3Source(S3Prefix):
     def __init__(self, uri: str, settings: Settings):
         super().__init__(uri)
         self.settings = settings
-        self.credentials = _resolve_credentials(uri)
-        self.store = s3_store(self.bucket, settings, self.credentials)
+        self.access = _resolve_credentials(uri)
+        self.store = s3_store(self.bucket, settings, self.access)
         self._boto3_source: S3Source | None = None
         # obstore hands a block over only once it is whole: a connection at half the rate floor must still
         # deliver one per rate window, or the engine could not see that it trickles (1 MiB with the defaults).
@@ -201,12 +223,11 @@ class NativeS3Source(S3Prefix):
         store was built with, so no boto3 client is built for it."""
         from .s3_head import head_object
 
-        frozen, refreshable, region = self.credentials
+        frozen, refreshable, region, bundle = self.access
         credentials = frozen if frozen is not None else refreshable.get_frozen_credentials()
         return head_object(endpoint_url(), region, self.bucket, key, credentials, uri=self.uri,
                            part_number=part_number, checksums=checksums, if_match=if_match,
-                           timeout=self.settings.read_timeout,
-                           verify_tls=os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() != "true")
+                           timeout=self.settings.read_timeout, verify_tls=not ignore_tls(), ca_bundle=bundle)
 
     def _boto3(self) -> S3Source:
         if self._boto3_source is None:

@@ -20,9 +20,11 @@ from .procs import ManagedProcess, stop_all
 from .proxy import LinkProxy
 from .seaweed import SeaweedS3, find_weed
 from .serve import LINKS, start_serve, stop_bench
+from .fronts import ForwardProxy, TlsFront, make_private_ca
 
 __all__ = [
     "EmbeddedRegistry",
+    "ForwardProxy",
     "LINKS",
     "LinkProxy",
     "ManagedProcess",
@@ -31,10 +33,12 @@ __all__ = [
     "SEED_MODEL_NAME",
     "SKOPS_TRUSTED_TYPES",
     "SeaweedS3",
+    "TlsFront",
     "apply_env",
     "find_weed",
     "free_port",
     "free_ports",
+    "make_private_ca",
     "mlflow_env",
     "register_large_model",
     "register_seed_versions",
