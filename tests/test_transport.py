@@ -7,11 +7,14 @@ proxied `mlflow-artifacts:/` mode, whose server ignores Range: each file is then
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
+import http.server
 import io
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -278,6 +281,52 @@ def test_a_proxy_named_in_the_environment(transport, s3, use_env, cache_dir, fre
     assert after_direct["connections"] == via_proxy["connections"] and direct_at_endpoint["connections"] >= 1
     assert_clean_error(unreachable, 4, uri, "cannot reach S3", f"through the proxy {dead}")
     assert not (tmp_path / "dead" / "objects").exists() or objects_in(tmp_path / "dead") == []
+
+
+@pytest.mark.parametrize("transport", ["native", "boto3"])
+def test_a_role_s_expiring_credentials_through_boto3_s_chain(transport, s3, use_env, cache_dir, fresh_pool,
+                                                             tmp_path):
+    """Instance, container and assumed roles reach boto3's chain as expiring credentials (RefreshableCredentials),
+    which the native transport hands to obstore as a credential provider and signs its own HEADs with. The
+    container role endpoint (what ECS and EKS Pod Identity serve) stands in for them: a real HTTP server on
+    loopback answering what that endpoint answers (the instance metadata service is turned off)."""
+    secret = {"value": s3.secret_key}
+    asked = []
+
+    class RoleEndpoint(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+            body = json.dumps({"AccessKeyId": s3.access_key, "SecretAccessKey": secret["value"],
+                               # (no session token: SeaweedFS takes a token for an STS session it never made)
+                               "Token": "", "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                               "RoleArn": "arn:aws:iam::000000000000:role/test"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    role = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RoleEndpoint)
+    threading.Thread(target=role.serve_forever, daemon=True).start()
+    try:
+        data = _upload_multipart(s3, "role/big.bin")   # multipart: its stored checksum is read by a signed HEAD
+        use_env({"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "AWS_DEFAULT_REGION": s3.region,
+                 "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"http://127.0.0.1:{role.server_port}/role",
+                 "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                 "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "PREFETCH_TRANSPORT": transport})
+        warmed = run_cli("warm", "s3://models/role", "--json", check=True)
+        asked_for_the_warm = len(asked)
+        secret["value"] = "not-the-secret"    # the role's next credentials are refused by the server
+        refused = run_cli("warm", "s3://models/role", env={"PREFETCH_CACHE_DIR": str(tmp_path / "refused")})
+    finally:
+        role.shutdown()
+    assert asked_for_the_warm >= 1 and set(asked) == {"/role"}
+    assert (Path(json.loads(warmed.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+    assert_clean_error(refused, 4, "s3://models/role", "refused the credentials")
 
 
 def _manifest_hashes(cache, key: str) -> dict[str, tuple]:

@@ -50,7 +50,7 @@ class _Boto3Credentials:
     def __call__(self) -> dict:
         frozen = self.credentials.get_frozen_credentials()
         return {"access_key_id": frozen.access_key, "secret_access_key": frozen.secret_key,
-                "token": frozen.token, "expires_at": datetime.now(timezone.utc) + CREDENTIAL_TTL}
+                "token": frozen.token or None, "expires_at": datetime.now(timezone.utc) + CREDENTIAL_TTL}
 
 
 _Frozen = collections.namedtuple("_Frozen", "access_key secret_key token")   # botocore's shape, for env keys
