@@ -2,8 +2,11 @@
 
 Ranges give the exact bytes uploaded, If-Match with a stale ETag is the distinct OriginChanged error, refused
 credentials and missing keys exit as with boto3 (4, 3), 503 bursts and resets are retried, the endpoint is the one
-MLflow users set, and a whole `prefetch warm` gives the same manifest as PREFETCH_TRANSPORT=boto3 (S3, and the
-proxied `mlflow-artifacts:/` mode, whose server ignores Range: each file is then sent once, not once per range). Speed is scripts/bench_fetch.py's business, not these tests'.
+MLflow users set, TLS to a private CA (AWS_CA_BUNDLE, MLFLOW_S3_IGNORE_TLS) and proxies (HTTP(S)_PROXY, NO_PROXY)
+work as with boto3, so do a role's expiring credentials from boto3's chain, and a whole `prefetch warm` gives the
+same manifest as PREFETCH_TRANSPORT=boto3 (S3, and the proxied `mlflow-artifacts:/` mode, whose server ignores
+Range: each file is then sent once, not once per range). Speed is scripts/bench_fetch.py's business, not these
+tests'.
 """
 from __future__ import annotations
 
