@@ -32,7 +32,7 @@ from prefetch.sources.s3 import S3Source
 from prefetch.sources.s3_native import NativeS3Source
 from prefetch.store import Store
 from tests import harness
-from tests.helpers import assert_clean_error, objects_in, run_cli, sha256_per_chunk
+from tests.helpers import assert_clean_error, cli_json, objects_in, run_cli, sha256_per_chunk
 
 MiB = 1 << 20
 
@@ -178,8 +178,17 @@ def test_endpoint_and_credentials_as_mlflow_users_set_them(transport, s3, use_en
     assert [f.origin_check for f in Store(cache_dir).lookup(big_warm.key).files] == ["crc32"]
 
 
-_PROXY_VARS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
-               "no_proxy")
+@pytest.fixture
+def no_proxy_set(monkeypatch):
+    """No proxy variable from the outer environment: each test sets the ones it means."""
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _warmed_path(doc: dict) -> Path:
+    """Where `prefetch warm --json` (one URI) put the files."""
+    return Path(doc["results"][0]["path"])
 
 
 @pytest.fixture
@@ -196,9 +205,7 @@ def private_ca_s3(s3, tmp_path):
 
 @pytest.mark.parametrize("transport", ["native", "boto3"])
 def test_an_https_endpoint_behind_a_private_ca(transport, s3, private_ca_s3, use_env, cache_dir, fresh_pool,
-                                               tmp_path, monkeypatch):
-    for var in _PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
+                                               tmp_path, no_proxy_set):
     front, counting, pki = private_ca_s3
     data = _upload_multipart(s3, "tls/big.bin")    # multipart: its stored checksum is read by a signed HEAD
     uri = "s3://models/tls"
@@ -211,22 +218,22 @@ def test_an_https_endpoint_behind_a_private_ca(transport, s3, private_ca_s3, use
     assert objects_in(cache_dir) == [] and not list((cache_dir / "staging").glob("*"))
 
     # The private CA through AWS_CA_BUNDLE: the listing, the HEAD and the GETs over verified TLS.
-    trusted = run_cli("warm", uri, "--json", env={"AWS_CA_BUNDLE": str(pki["ca"])}, check=True)
+    trusted = cli_json("warm", uri, env={"AWS_CA_BUNDLE": str(pki["ca"])})
     seen = counting.stats()
     assert seen["head_requests"] == 1 and seen["get_requests"] >= 2, seen
     assert front.stats()["handshakes"] >= 1
-    assert (Path(json.loads(trusted.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+    assert (_warmed_path(trusted) / "big.bin").read_bytes() == data
 
     # MLFLOW_S3_IGNORE_TLS=true: no verification (MLflow's switch), the same bytes into another cache.
-    unverified = run_cli("warm", uri, "--json", env={"MLFLOW_S3_IGNORE_TLS": "true",
-                                                     "PREFETCH_CACHE_DIR": str(tmp_path / "unverified")}, check=True)
-    assert (Path(json.loads(unverified.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+    unverified = cli_json("warm", uri, env={"MLFLOW_S3_IGNORE_TLS": "true",
+                                            "PREFETCH_CACHE_DIR": str(tmp_path / "unverified")})
+    assert (_warmed_path(unverified) / "big.bin").read_bytes() == data
 
     # Through a proxy (HTTPS_PROXY): a CONNECT tunnel per connection, TLS verified end to end inside it.
     forward = harness.ForwardProxy().start()
     counting.reset()
     try:
-        tunnelled = run_cli("warm", uri, "--json", check=True, env={
+        tunnelled = cli_json("warm", uri, env={
             "AWS_CA_BUNDLE": str(pki["ca"]), "HTTPS_PROXY": forward.url, "NO_PROXY": "",
             "PREFETCH_CACHE_DIR": str(tmp_path / "tunnelled")})
         via_proxy = forward.stats()
@@ -234,7 +241,7 @@ def test_an_https_endpoint_behind_a_private_ca(transport, s3, private_ca_s3, use
         forward.stop()
     assert set(via_proxy["first_lines"]) == {("CONNECT", f"127.0.0.1:{front.port}")}, via_proxy
     assert via_proxy["connections"] == counting.stats()["connections"] >= 1   # (none went around the proxy)
-    assert (Path(json.loads(tunnelled.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+    assert (_warmed_path(tunnelled) / "big.bin").read_bytes() == data
 
     # A bad AWS_CA_BUNDLE is a setting to fix: exit 2 naming it, before any connection.
     counting.reset()
@@ -246,9 +253,8 @@ def test_an_https_endpoint_behind_a_private_ca(transport, s3, private_ca_s3, use
 
 
 @pytest.mark.parametrize("transport", ["native", "boto3"])
-def test_a_proxy_named_in_the_environment(transport, s3, use_env, cache_dir, fresh_pool, tmp_path, monkeypatch):
-    for var in _PROXY_VARS:
-        monkeypatch.delenv(var, raising=False)
+def test_a_proxy_named_in_the_environment(transport, s3, use_env, cache_dir, fresh_pool, tmp_path, no_proxy_set,
+                                          monkeypatch):
     counting = harness.LinkProxy("127.0.0.1", s3.s3_port).start()    # the endpoint: it counts what reaches it
     forward = harness.ForwardProxy().start()
     try:
@@ -256,13 +262,12 @@ def test_a_proxy_named_in_the_environment(transport, s3, use_env, cache_dir, fre
         uri = "s3://models/proxied"
         use_env({**s3.env(counting.url), "PREFETCH_TRANSPORT": transport})
         monkeypatch.setenv("HTTP_PROXY", forward.url)
-        proxied = run_cli("warm", uri, "--json", check=True)
+        proxied = cli_json("warm", uri)
         via_proxy, at_endpoint = forward.stats(), counting.stats()
 
         # NO_PROXY naming the endpoint's host: straight to it, the proxy sees nothing.
         counting.reset()
-        direct = run_cli("warm", uri, "--json", check=True, env={"NO_PROXY": "127.0.0.1",
-                                                                 "PREFETCH_CACHE_DIR": str(tmp_path / "direct")})
+        direct = cli_json("warm", uri, env={"NO_PROXY": "127.0.0.1", "PREFETCH_CACHE_DIR": str(tmp_path / "direct")})
         after_direct, direct_at_endpoint = forward.stats(), counting.stats()
 
         # A proxy that is not there: one line naming it, exit 4 (not a traceback, not the endpoint's fault).
@@ -280,7 +285,7 @@ def test_a_proxy_named_in_the_environment(transport, s3, use_env, cache_dir, fre
     if transport == "native":   # (boto3 may send its HEAD on a connection a GET opened)
         assert ("HEAD", f"127.0.0.1:{counting.port}") in via_proxy["first_lines"], via_proxy
     for warm in (proxied, direct):
-        assert (Path(json.loads(warm.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+        assert (_warmed_path(warm) / "big.bin").read_bytes() == data
     assert after_direct["connections"] == via_proxy["connections"] and direct_at_endpoint["connections"] >= 1
     assert_clean_error(unreachable, 4, uri, "cannot reach S3", f"through the proxy {dead}")
     assert not (tmp_path / "dead" / "objects").exists() or objects_in(tmp_path / "dead") == []
@@ -321,14 +326,14 @@ def test_a_role_s_expiring_credentials_through_boto3_s_chain(transport, s3, use_
                  "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"http://127.0.0.1:{role.server_port}/role",
                  "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"),
                  "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "PREFETCH_TRANSPORT": transport})
-        warmed = run_cli("warm", "s3://models/role", "--json", check=True)
+        warmed = cli_json("warm", "s3://models/role")
         asked_for_the_warm = len(asked)
         secret["value"] = "not-the-secret"    # the role's next credentials are refused by the server
         refused = run_cli("warm", "s3://models/role", env={"PREFETCH_CACHE_DIR": str(tmp_path / "refused")})
     finally:
         role.shutdown()
     assert asked_for_the_warm >= 1 and set(asked) == {"/role"}
-    assert (Path(json.loads(warmed.stdout)["results"][0]["path"]) / "big.bin").read_bytes() == data
+    assert (_warmed_path(warmed) / "big.bin").read_bytes() == data
     assert_clean_error(refused, 4, "s3://models/role", "refused the credentials")
 
 

@@ -85,10 +85,10 @@ def unreachable_endpoint(uri: str, what: str) -> Unreachable:
     """No connection at all to the S3 endpoint, or to the proxy in front of it (named: it is what to check)."""
     from ..redact import redact_uri
 
-    endpoint = endpoint_url() or "https://s3.amazonaws.com"
-    proxy = proxy_for(endpoint)
+    endpoint = endpoint_url()
+    proxy = proxy_for(endpoint or "https://s3.amazonaws.com")
     through = f" through the proxy {redact_uri(proxy)} (HTTP(S)_PROXY; NO_PROXY to bypass it)" if proxy else ""
-    return Unreachable(f"cannot reach S3 at {endpoint_url() or 'AWS'}{through} ({what})", uri)
+    return Unreachable(f"cannot reach S3 at {endpoint or 'AWS'}{through} ({what})", uri)
 
 
 def s3_client(settings: Settings):

@@ -75,7 +75,7 @@ def _resolve_credentials(uri: str) -> Access:
     if env_key and env_secret and not os.environ.get("AWS_PROFILE"):   # (a named profile must exist: boto3 says)
         frozen = _Frozen(env_key, env_secret, os.environ.get("AWS_SESSION_TOKEN") or None)
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-        return Access(frozen, None, region, ca_bundle(os.environ.get("AWS_CA_BUNDLE") or None))
+        return Access(frozen, None, region, ca_bundle(os.environ.get("AWS_CA_BUNDLE")))
     import boto3
     import botocore.session
     from botocore.credentials import RefreshableCredentials
